@@ -1,0 +1,68 @@
+package bucket
+
+import (
+	"context"
+	"time"
+)
+
+// Charge asks one bucket for Cost units under Limit.
+type Charge struct {
+	// Key names the bucket. Stores copy it when they keep it, so callers may
+	// build it in a reused buffer.
+	Key []byte
+	// Limit is the bucket's limit as configured now. A bucket whose state was
+	// built under another limit is rescaled to this one on first use: its
+	// level in units is kept.
+	Limit Limit
+	// Cost is how many units to charge. In Reserve it must be ≥ 0; in Adjust
+	// it is signed: positive charges more (debt allowed), negative refunds.
+	Cost int64
+}
+
+// State is what a bucket looks like after a decision, for the headers.
+type State struct {
+	// Remaining is how many units could be charged now without waiting.
+	Remaining int64
+	// ResetAfter is how long until the bucket is full again (0 when full).
+	ResetAfter time.Duration
+}
+
+// Decision is the outcome of a Reserve.
+type Decision struct {
+	// Allowed is true when every bucket was charged; false when none was.
+	Allowed bool
+	// Delay is how long the caller must wait before its charge conforms.
+	// It is 0 for an immediate admission and at most the maxWait given to
+	// Reserve otherwise. When Allowed is false it is the predicted wait: how
+	// long until the whole request could be admitted if nothing else were
+	// charged meanwhile, which is what Retry-After should say.
+	Delay time.Duration
+	// Limiting is the index of the charge that decided Delay (the bucket
+	// furthest from admitting the request), or -1 when no bucket had to wait.
+	Limiting int
+}
+
+// Store keeps bucket states. Every method is safe for concurrent use.
+//
+// Admission across several buckets is atomic: Reserve charges every bucket
+// of the request or none of them, so a refused request costs nothing.
+type Store interface {
+	// Reserve charges every bucket in charges if the request conforms within
+	// maxWait of now, and fills states (when it is not nil; it must have
+	// len(charges) entries) with each bucket's state after the decision.
+	// With maxWait 0 it admits only what conforms now.
+	Reserve(ctx context.Context, now time.Time, charges []Charge, maxWait time.Duration, states []State) (Decision, error)
+
+	// Adjust applies signed corrections without any check: settlement of a
+	// token estimate against the real usage, or the cancellation of a
+	// reservation. A positive cost may leave the bucket in debt.
+	Adjust(ctx context.Context, now time.Time, charges []Charge) error
+
+	// Peek fills states without charging anything.
+	Peek(ctx context.Context, now time.Time, charges []Charge, states []State) error
+
+	// DeletePrefix forgets every bucket whose key starts with prefix, and
+	// returns how many it forgot. It is how a removed rule's buckets are
+	// freed.
+	DeletePrefix(ctx context.Context, prefix []byte) (int, error)
+}
