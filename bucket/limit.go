@@ -103,6 +103,11 @@ func mulDiv(a, b, c int64) int64 {
 		return 0
 	}
 	hi, lo := bits.Mul64(uint64(a), uint64(b))
+	if hi == 0 {
+		// The common case, and a 64-bit division is several times cheaper
+		// than a 128-bit one.
+		return int64(min(lo/uint64(c), uint64(maxSpan)))
+	}
 	if hi >= uint64(c) {
 		return maxSpan
 	}
@@ -120,6 +125,9 @@ func (l Limit) unitsWithin(room int64) int64 {
 	hi, lo := bits.Mul64(uint64(room)+1, uint64(l.Count))
 	lo, borrow := bits.Sub64(lo, 1, 0)
 	hi -= borrow
+	if hi == 0 {
+		return int64(min(lo/uint64(l.Window), math.MaxInt64))
+	}
 	if hi >= uint64(l.Window) {
 		return math.MaxInt64
 	}

@@ -71,100 +71,126 @@ func (s *MemoryStore) clock(now time.Time) int64 {
 	}
 }
 
-// lockSet is the set of shards one call holds, locked in ascending order so
-// that two calls can never deadlock. It lives on the stack for up to eight
-// buckets, which keeps the admission path free of allocations.
-type lockSet struct {
-	idx [8]uint8
-	n   int
-	ext []uint8
+// call is one call's view of its buckets: the shard of each charge, the
+// shards it holds locked (in ascending order, so that two calls can never
+// deadlock), and each charge's bucket as loaded. Up to eight charges it lives
+// on the stack, which keeps the admission path free of allocations.
+type call struct {
+	s       *MemoryStore
+	now     int64
+	n       int
+	shard   [8]uint8
+	bucket  [8]*memoryBucket
+	locked  [8]uint8
+	nlocked int
+	// For calls with more than eight charges.
+	shardExt  []uint8
+	bucketExt []*memoryBucket
+	lockedExt []uint8
 }
 
-func (ls *lockSet) add(i uint8) {
-	list := ls.list()
-	for _, j := range list {
-		if j == i {
-			return
-		}
+// begin locks the shards of charges and loads their buckets.
+func (s *MemoryStore) begin(c *call, now time.Time, charges []Charge) {
+	c.s, c.now, c.n = s, s.clock(now), len(charges)
+	if len(charges) > len(c.shard) {
+		c.shardExt = make([]uint8, len(charges))
+		c.bucketExt = make([]*memoryBucket, len(charges))
+		c.lockedExt = make([]uint8, 0, len(charges))
 	}
-	if ls.ext == nil && ls.n < len(ls.idx) {
-		// Insertion sort: the set is tiny.
-		k := ls.n
-		for k > 0 && ls.idx[k-1] > i {
-			ls.idx[k] = ls.idx[k-1]
-			k--
-		}
-		ls.idx[k] = i
-		ls.n++
-		return
-	}
-	if ls.ext == nil {
-		ls.ext = append(make([]uint8, 0, 2*len(ls.idx)), ls.idx[:ls.n]...)
-	}
-	k := len(ls.ext)
-	ls.ext = append(ls.ext, i)
-	for k > 0 && ls.ext[k-1] > i {
-		ls.ext[k] = ls.ext[k-1]
-		k--
-	}
-	ls.ext[k] = i
-}
-
-func (ls *lockSet) list() []uint8 {
-	if ls.ext != nil {
-		return ls.ext
-	}
-	return ls.idx[:ls.n]
-}
-
-func (s *MemoryStore) shardOf(key []byte) uint8 {
-	return uint8(maphash.Bytes(s.seed, key) % memoryShards)
-}
-
-func (s *MemoryStore) lock(charges []Charge) lockSet {
-	var ls lockSet
 	for i := range charges {
-		ls.add(s.shardOf(charges[i].Key))
+		sh := uint8(maphash.Bytes(s.seed, charges[i].Key) % memoryShards)
+		if c.shardExt != nil {
+			c.shardExt[i] = sh
+			c.lockedExt = insertSorted(c.lockedExt, sh)
+		} else {
+			c.shard[i] = sh
+			c.nlocked = len(insertSorted(c.locked[:c.nlocked], sh))
+		}
 	}
-	for _, i := range ls.list() {
-		s.shards[i].mu.Lock()
+	for _, sh := range c.lockedShards() {
+		s.shards[sh].mu.Lock()
 	}
-	return ls
+	for i := range charges {
+		c.load(i, &charges[i])
+	}
 }
 
-func (s *MemoryStore) unlock(ls *lockSet) {
-	for _, i := range ls.list() {
-		s.shards[i].mu.Unlock()
+// insertSorted adds v to the ascending set list, if it is not there yet. The
+// set is tiny, so a linear scan is the fastest way.
+func insertSorted(list []uint8, v uint8) []uint8 {
+	k := 0
+	for k < len(list) && list[k] < v {
+		k++
+	}
+	if k < len(list) && list[k] == v {
+		return list
+	}
+	list = append(list, 0)
+	copy(list[k+1:], list[k:])
+	list[k] = v
+	return list
+}
+
+func (c *call) end() {
+	for _, sh := range c.lockedShards() {
+		c.s.shards[sh].mu.Unlock()
 	}
 }
 
-// load returns the bucket's TAT under c.Limit, rescaled if the bucket was last
-// charged under another limit, and the stored bucket (nil if absent). The
-// caller holds the shard's lock.
-func (s *MemoryStore) load(now int64, c *Charge) (int64, *memoryBucket) {
-	b := s.shards[s.shardOf(c.Key)].buckets[string(c.Key)]
-	if b == nil {
-		return now, nil
+func (c *call) lockedShards() []uint8 {
+	if c.lockedExt != nil {
+		return c.lockedExt
 	}
-	if b.count != c.Limit.Count || b.window != c.Limit.Window {
-		b.tat = now + rescale(b.tat-now, Limit{Count: b.count, Window: b.window}, c.Limit)
-		b.count, b.window = c.Limit.Count, c.Limit.Window
-	}
-	return b.tat, b
+	return c.locked[:c.nlocked]
 }
 
-// store writes a bucket's new TAT, creating the bucket if needed. A TAT at or
-// before now means the bucket is full, which is the same as no bucket at all,
-// so nothing is created for it.
-func (s *MemoryStore) store(now int64, c *Charge, b *memoryBucket, tat int64) {
-	if b != nil {
-		b.tat = tat
+func (c *call) shardOf(i int) *memoryShard {
+	if c.shardExt != nil {
+		return &c.s.shards[c.shardExt[i]]
+	}
+	return &c.s.shards[c.shard[i]]
+}
+
+func (c *call) bucketRef(i int) **memoryBucket {
+	if c.bucketExt != nil {
+		return &c.bucketExt[i]
+	}
+	return &c.bucket[i]
+}
+
+// load finds charge i's bucket, rescaled to the charge's limit if it was
+// last charged under another one.
+func (c *call) load(i int, ch *Charge) {
+	b := c.shardOf(i).buckets[string(ch.Key)]
+	if b != nil && (b.count != ch.Limit.Count || b.window != ch.Limit.Window) {
+		b.tat = c.now + rescale(b.tat-c.now, Limit{Count: b.count, Window: b.window}, ch.Limit)
+		b.count, b.window = ch.Limit.Count, ch.Limit.Window
+	}
+	*c.bucketRef(i) = b
+}
+
+// tat returns charge i's theoretical arrival time; an absent bucket is full.
+func (c *call) tat(i int) int64 {
+	if b := *c.bucketRef(i); b != nil {
+		return b.tat
+	}
+	return c.now
+}
+
+// setTAT writes charge i's new TAT, creating the bucket if needed. A TAT at
+// or before now means the bucket is full, which is the same as no bucket at
+// all, so nothing is created for it.
+func (c *call) setTAT(i int, ch *Charge, tat int64) {
+	ref := c.bucketRef(i)
+	if *ref != nil {
+		(*ref).tat = tat
 		return
 	}
-	if tat <= now {
+	if tat <= c.now {
 		return
 	}
-	s.shards[s.shardOf(c.Key)].buckets[string(c.Key)] = &memoryBucket{tat: tat, count: c.Limit.Count, window: c.Limit.Window}
+	*ref = &memoryBucket{tat: tat, count: ch.Limit.Count, window: ch.Limit.Window}
+	c.shardOf(i).buckets[string(ch.Key)] = *ref
 }
 
 // Reserve implements Store.
@@ -190,31 +216,28 @@ func (s *MemoryStore) store(now int64, c *Charge, b *memoryBucket, tat int64) {
 // property golang/go#71360 shows x/time/rate lacks; the stale-time test
 // checks it on random schedules.
 func (s *MemoryStore) Reserve(_ context.Context, now time.Time, charges []Charge, maxWait time.Duration, states []State) (Decision, error) {
-	t := s.clock(now)
-	ls := s.lock(charges)
-	defer s.unlock(&ls)
+	var c call
+	s.begin(&c, now, charges)
+	defer c.end()
 
 	d := Decision{Limiting: -1}
 	var wait int64
 	for i := range charges {
-		c := &charges[i]
-		tat, _ := s.load(t, c)
-		w := conformsAfter(t, tat, c)
-		if w > wait {
+		if w := conformsAfter(c.now, c.tat(i), &charges[i]); w > wait {
 			wait, d.Limiting = w, i
 		}
 	}
 	d.Delay = time.Duration(wait)
 	d.Allowed = wait <= int64(maxWait)
 	for i := range charges {
-		c := &charges[i]
-		tat, b := s.load(t, c)
+		ch := &charges[i]
+		tat := c.tat(i)
 		if d.Allowed {
-			tat = max(tat, t) + c.Limit.span(c.Cost)
-			s.store(t, c, b, tat)
+			tat = max(tat, c.now) + ch.Limit.span(ch.Cost)
+			c.setTAT(i, ch, tat)
 		}
 		if states != nil {
-			states[i] = stateOf(t, tat, c.Limit)
+			states[i] = stateOf(c.now, tat, ch.Limit)
 		}
 	}
 	return d, nil
@@ -243,32 +266,31 @@ func stateOf(now, tat int64, l Limit) State {
 
 // Adjust implements Store.
 func (s *MemoryStore) Adjust(_ context.Context, now time.Time, charges []Charge) error {
-	t := s.clock(now)
-	ls := s.lock(charges)
-	defer s.unlock(&ls)
+	var c call
+	s.begin(&c, now, charges)
+	defer c.end()
 	for i := range charges {
-		c := &charges[i]
-		tat, b := s.load(t, c)
+		ch := &charges[i]
+		tat := c.tat(i)
 		switch {
-		case c.Cost > 0:
-			tat = max(tat, t) + c.Limit.span(c.Cost)
-		case c.Cost < 0:
+		case ch.Cost > 0:
+			tat = max(tat, c.now) + ch.Limit.span(ch.Cost)
+		case ch.Cost < 0:
 			// A refund cannot fill the bucket beyond full.
-			tat = max(tat-c.Limit.span(-c.Cost), t)
+			tat = max(tat-ch.Limit.span(-ch.Cost), c.now)
 		}
-		s.store(t, c, b, tat)
+		c.setTAT(i, ch, tat)
 	}
 	return nil
 }
 
 // Peek implements Store.
 func (s *MemoryStore) Peek(_ context.Context, now time.Time, charges []Charge, states []State) error {
-	t := s.clock(now)
-	ls := s.lock(charges)
-	defer s.unlock(&ls)
+	var c call
+	s.begin(&c, now, charges)
+	defer c.end()
 	for i := range charges {
-		tat, _ := s.load(t, &charges[i])
-		states[i] = stateOf(t, tat, charges[i].Limit)
+		states[i] = stateOf(c.now, c.tat(i), charges[i].Limit)
 	}
 	return nil
 }

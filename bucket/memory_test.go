@@ -90,3 +90,28 @@ func BenchmarkMemoryReserve3(b *testing.B) {
 		s.Reserve(context.Background(), now.Add(time.Duration(i)), cs, 0, st)
 	}
 }
+
+// TestMemoryStoreManyBuckets covers calls with more buckets than the
+// allocation-free path holds.
+func TestMemoryStoreManyBuckets(t *testing.T) {
+	s := bucket.NewMemoryStore()
+	now := time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)
+	l := bucket.Limit{Count: 2, Window: time.Second}
+	cs := make([]bucket.Charge, 20)
+	for i := range cs {
+		cs[i] = bucket.Charge{Key: fmt.Appendf(nil, "many/%d", i), Limit: l, Cost: 1}
+	}
+	for i := 0; i < 2; i++ {
+		if d, _ := s.Reserve(context.Background(), now, cs, 0, nil); !d.Allowed {
+			t.Fatalf("call %d refused", i)
+		}
+	}
+	cs[19].Limit.Count = 3 // one roomier bucket cannot make the call pass
+	st := make([]bucket.State, len(cs))
+	if d, _ := s.Reserve(context.Background(), now, cs, 0, st); d.Allowed || d.Limiting != 0 {
+		t.Fatalf("third call: %+v, want refused by bucket 0", d)
+	}
+	if s.Len() != 20 || st[5].Remaining != 0 {
+		t.Fatalf("Len %d, state %+v", s.Len(), st[5])
+	}
+}

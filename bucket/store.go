@@ -8,7 +8,7 @@ import (
 // Charge asks one bucket for Cost units under Limit.
 type Charge struct {
 	// Key names the bucket. Stores copy it when they keep it, so callers may
-	// build it in a reused buffer.
+	// build it in a reused buffer. The keys of one call must be distinct.
 	Key []byte
 	// Limit is the bucket's limit as configured now. A bucket whose state was
 	// built under another limit is rescaled to this one on first use: its

@@ -167,14 +167,6 @@ func testAtomicity(t *testing.T, s bucket.Store) {
 	if got[0].Remaining != 98 || got[1].Remaining != 98 {
 		t.Fatalf("peek after refusal: %+v, want 98 each", got)
 	}
-	// A charge that names the same bucket twice counts twice.
-	d, _ = reserve(t, s, now, 0, charge("atom/d", tight, 1), charge("atom/d", tight, 1))
-	if !d.Allowed {
-		t.Fatalf("two units on an empty 2-bucket refused")
-	}
-	if st := peek(t, s, now, charge("atom/d", tight, 1)); st[0].Remaining != 0 {
-		t.Fatalf("remaining %d, want 0", st[0].Remaining)
-	}
 }
 
 func testSettle(t *testing.T, s bucket.Store) {
