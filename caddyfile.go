@@ -1,0 +1,277 @@
+package llmratelimit
+
+import (
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
+)
+
+// parseCaddyfile sets up the handler from Caddyfile tokens.
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	m := new(Handler)
+	err := m.UnmarshalCaddyfile(h.Dispenser)
+	return m, err
+}
+
+// shorthands are the per-model shorthand keywords and the units they stand for.
+var shorthands = map[string]string{
+	"rps": "requests_per_second",
+	"rpm": "requests_per_minute",
+	"rph": "requests_per_hour",
+	"rpd": "requests_per_day",
+	"tps": "tokens_per_second",
+	"tpm": "tokens_per_minute",
+	"tph": "tokens_per_hour",
+	"tpd": "tokens_per_day",
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	llm_rate_limit {
+//		# who is asking: placeholders; an empty value means no such subject
+//		user            <placeholder>
+//		team            <placeholder>
+//		virtualaccount  <placeholder>     # hashed (SHA-256) before any use
+//		metadata_header <header-name>     # a JSON object of string values
+//
+//		max_body  <size>                  # default 16MiB; larger bodies get 413
+//		zone      <name>                  # bucket namespace; default ""
+//		use_handle_errors                 # refusals go to handle_errors
+//
+//		# per-model shorthand: a rule with id "model:<name>"
+//		model <name> {
+//			rps|rpm|rph|rpd|tps|tpm|tph|tpd <n> [burst <n>]
+//			applies_per <dimension...>
+//			mode enforce|shadow
+//		}
+//
+//		rule <id> {
+//			when {
+//				subjects <user:x|team:y|virtualaccount:z ...>   # any (OR)
+//				models   <model ...>                            # any (OR); trailing * is a prefix
+//				metadata <key=value ...>                        # all (AND)
+//			}
+//			limit <n> <requests|tokens>_per_<second|minute|hour|day> [burst <n>]
+//			applies_per <user|team|virtualaccount|model|metadata.KEY ...>
+//			mode enforce|shadow
+//		}
+//	}
+//
+// Every subdirective but rule and model may appear once. rule, model and
+// limit may repeat.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume the directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	seen := map[string]bool{}
+	once := func(name string) error {
+		if seen[name] {
+			return d.Errf("%s specified more than once", name)
+		}
+		seen[name] = true
+		return nil
+	}
+	for d.NextBlock(0) {
+		name := d.Val()
+		switch name {
+		case "user", "team", "virtualaccount", "metadata_header", "zone":
+			if err := once(name); err != nil {
+				return err
+			}
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			switch name {
+			case "user":
+				h.User = v
+			case "team":
+				h.Team = v
+			case "virtualaccount":
+				h.VirtualAccount = v
+			case "metadata_header":
+				h.MetadataHeader = v
+			case "zone":
+				h.Zone = v
+			}
+		case "max_body":
+			if err := once(name); err != nil {
+				return err
+			}
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			n, err := humanize.ParseBytes(v)
+			if err != nil || n == 0 || n > 1<<40 {
+				return d.Errf("max_body: invalid size %q: want a positive size such as 16MiB", v)
+			}
+			h.MaxBody = int64(n)
+		case "use_handle_errors":
+			if err := once(name); err != nil {
+				return err
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.UseHandleErrors = true
+		case "rule":
+			var id string
+			if !d.AllArgs(&id) {
+				return d.Errf("rule needs exactly one argument, its id")
+			}
+			r := Rule{ID: id}
+			if err := parseRuleBlock(d, &r, false); err != nil {
+				return err
+			}
+			h.Rules = append(h.Rules, r)
+		case "model":
+			var model string
+			if !d.AllArgs(&model) {
+				return d.Errf("model needs exactly one argument, the model name")
+			}
+			r := Rule{ID: "model:" + model, When: &When{Models: []string{model}}}
+			if err := parseRuleBlock(d, &r, true); err != nil {
+				return err
+			}
+			h.Rules = append(h.Rules, r)
+		default:
+			return d.Errf("unrecognized llm_rate_limit subdirective %q", name)
+		}
+	}
+	// Check the rules now, so that a mistake is reported against the
+	// Caddyfile rather than later against the JSON it adapts to.
+	if _, err := compileRules(h.Zone, h.Rules); err != nil {
+		return d.Errf("llm_rate_limit: %v", err)
+	}
+	return nil
+}
+
+// parseRuleBlock parses the body of a rule or model block.
+func parseRuleBlock(d *caddyfile.Dispenser, r *Rule, shorthand bool) error {
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	what := "rule " + r.ID
+	if shorthand {
+		what = "model " + strings.TrimPrefix(r.ID, "model:")
+	}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		if name != "limit" && shorthands[name] == "" {
+			if seen[name] {
+				return d.Errf("%s: %s specified more than once", what, name)
+			}
+			seen[name] = true
+		}
+		switch {
+		case name == "when" && !shorthand:
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			r.When = &When{}
+			for whenNesting := d.Nesting(); d.NextBlock(whenNesting); {
+				cond := d.Val()
+				args := d.RemainingArgs()
+				if len(args) == 0 {
+					return d.Errf("%s: when %s needs at least one value", what, cond)
+				}
+				switch cond {
+				case "subjects":
+					r.When.Subjects = append(r.When.Subjects, args...)
+				case "models":
+					r.When.Models = append(r.When.Models, args...)
+				case "metadata":
+					if r.When.Metadata == nil {
+						r.When.Metadata = map[string]string{}
+					}
+					for _, kv := range args {
+						k, v, ok := strings.Cut(kv, "=")
+						if !ok || k == "" {
+							return d.Errf("%s: metadata %q: want key=value", what, kv)
+						}
+						r.When.Metadata[k] = v
+					}
+				default:
+					return d.Errf("%s: unrecognized when condition %q: want subjects, models or metadata", what, cond)
+				}
+			}
+		case name == "limit" && !shorthand:
+			args := d.RemainingArgs()
+			if len(args) != 2 && len(args) != 4 {
+				return d.Errf("%s: want limit <n> <unit> [burst <n>]", what)
+			}
+			l, err := parseLimitArgs(d, what, args[0], args[1], args[2:])
+			if err != nil {
+				return err
+			}
+			r.Limits = append(r.Limits, l)
+		case shorthand && shorthands[name] != "":
+			args := d.RemainingArgs()
+			if len(args) != 1 && len(args) != 3 {
+				return d.Errf("%s: want %s <n> [burst <n>]", what, name)
+			}
+			l, err := parseLimitArgs(d, what, args[0], shorthands[name], args[1:])
+			if err != nil {
+				return err
+			}
+			r.Limits = append(r.Limits, l)
+		case name == "applies_per":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.Errf("%s: applies_per needs at least one dimension", what)
+			}
+			r.AppliesPer = args
+		case name == "mode":
+			var mode string
+			if !d.AllArgs(&mode) {
+				return d.ArgErr()
+			}
+			if mode != "enforce" && mode != "shadow" {
+				return d.Errf("%s: mode %q: want enforce or shadow", what, mode)
+			}
+			r.Mode = mode
+		default:
+			if shorthand {
+				return d.Errf("%s: unrecognized subdirective %q: want rps, rpm, rph, rpd, tps, tpm, tph, tpd, applies_per or mode", what, name)
+			}
+			return d.Errf("%s: unrecognized subdirective %q: want when, limit, applies_per or mode", what, name)
+		}
+	}
+	if len(r.Limits) == 0 {
+		return d.Errf("%s: no limits: a rule needs at least one limit", what)
+	}
+	return nil
+}
+
+// parseLimitArgs parses "<n> <unit> [burst <n>]".
+func parseLimitArgs(d *caddyfile.Dispenser, what, count, unit string, rest []string) (Limit, error) {
+	n, err := strconv.ParseInt(count, 10, 64)
+	if err != nil || n <= 0 {
+		return Limit{}, d.Errf("%s: limit %q: want a positive whole number", what, count)
+	}
+	if _, ok := units[unit]; !ok {
+		return Limit{}, d.Errf("%s: unknown unit %q: want one of %s", what, unit, unitNames())
+	}
+	l := Limit{LimitTo: n, Unit: unit}
+	if len(rest) > 0 {
+		if rest[0] != "burst" {
+			return Limit{}, d.Errf("%s: unexpected %q after the unit: want burst <n>", what, rest[0])
+		}
+		b, err := strconv.ParseInt(rest[1], 10, 64)
+		if err != nil || b <= 0 {
+			return Limit{}, d.Errf("%s: burst %q: want a positive whole number", what, rest[1])
+		}
+		l.Burst = b
+	}
+	return l, nil
+}
+
+// Interface guard
+var _ caddyfile.Unmarshaler = (*Handler)(nil)

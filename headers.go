@@ -1,0 +1,115 @@
+package llmratelimit
+
+import (
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+// Header names. RateLimit-Policy and RateLimit follow
+// draft-ietf-httpapi-ratelimit-headers-10: one list member per policy, named
+// by a quoted string, with q (quota) and w (window, seconds) on the policy,
+// and r (remaining) and t (seconds until the quota is whole again) on the
+// live state. The X-RateLimit-* trio is the de facto form most clients read,
+// for the bucket closest to its limit.
+const (
+	headerPolicy    = "RateLimit-Policy"
+	headerRateLimit = "RateLimit"
+	headerLimit     = "X-RateLimit-Limit"
+	headerRemaining = "X-RateLimit-Remaining"
+	headerReset     = "X-RateLimit-Reset"
+)
+
+// ourHeaders are the fields the guard keeps from duplicating an upstream's.
+var ourHeaders = [...]string{headerPolicy, headerRateLimit, headerLimit, headerRemaining, headerReset}
+
+// setRateLimitHeaders writes the rate-limit fields for the request's buckets.
+func setRateLimitHeaders(h http.Header, now time.Time, x *exchange) {
+	if len(x.applied) == 0 {
+		return
+	}
+	policy := make([]byte, 0, 64*len(x.applied))
+	state := make([]byte, 0, 48*len(x.applied))
+	tightest := 0
+	for i, a := range x.applied {
+		st := x.states[i]
+		if i > 0 {
+			policy = append(policy, ", "...)
+			state = append(state, ", "...)
+		}
+		policy = append(policy, a.limit.policy...)
+		policy = append(policy, ";q="...)
+		policy = strconv.AppendInt(policy, a.limit.limit.Count, 10)
+		policy = append(policy, ";w="...)
+		policy = strconv.AppendInt(policy, a.limit.windowSeconds, 10)
+		state = append(state, a.limit.policy...)
+		state = append(state, ";r="...)
+		state = strconv.AppendInt(state, st.Remaining, 10)
+		state = append(state, ";t="...)
+		state = strconv.AppendInt(state, ceilSeconds(st.ResetAfter), 10)
+
+		// The tightest bucket has the smallest share of its capacity left:
+		// compare remaining/capacity without dividing.
+		t := x.states[tightest]
+		if st.Remaining*x.applied[tightest].limit.limit.Capacity() < t.Remaining*a.limit.limit.Capacity() {
+			tightest = i
+		}
+	}
+	h.Set(headerPolicy, string(policy))
+	h.Set(headerRateLimit, string(state))
+	st, l := x.states[tightest], x.applied[tightest].limit
+	h.Set(headerLimit, strconv.FormatInt(l.limit.Count, 10))
+	h.Set(headerRemaining, strconv.FormatInt(st.Remaining, 10))
+	h.Set(headerReset, strconv.FormatInt(now.Add(st.ResetAfter+time.Second-1).Unix(), 10))
+}
+
+// ceilSeconds rounds a duration up to whole seconds.
+func ceilSeconds(d time.Duration) int64 {
+	if d <= 0 {
+		return 0
+	}
+	return int64((d + time.Second - 1) / time.Second)
+}
+
+// retryAfterSeconds formats Retry-After: whole seconds, rounded up, at least
+// 1 so that no client reads it as "retry at once".
+func retryAfterSeconds(d time.Duration) string {
+	return strconv.FormatInt(max(ceilSeconds(d), 1), 10)
+}
+
+// retryAfterMillis formats retry-after-ms, the finer form OpenAI's SDKs read.
+func retryAfterMillis(d time.Duration) string {
+	return strconv.FormatInt(max(int64((d+time.Millisecond-1)/time.Millisecond), 1), 10)
+}
+
+// headerGuard keeps the upstream's own rate-limit headers untouched. Ours are
+// set on the response before the request goes on, so that they are there on
+// every response, even one Caddy writes for an error. When the upstream
+// sends a field of the same name, reverse_proxy adds its value to ours; the
+// guard then drops ours, so the client sees the upstream's value alone.
+type headerGuard struct {
+	*caddyhttp.ResponseWriterWrapper
+	wroteHeader bool
+}
+
+func (g *headerGuard) WriteHeader(status int) {
+	if !g.wroteHeader && status >= 200 {
+		g.wroteHeader = true
+		h := g.Header()
+		for _, name := range ourHeaders {
+			if v := h[name]; len(v) > 1 {
+				h[name] = v[1:]
+			}
+		}
+	}
+	g.ResponseWriterWrapper.WriteHeader(status)
+}
+
+func (g *headerGuard) Write(b []byte) (int, error) {
+	if !g.wroteHeader {
+		g.WriteHeader(http.StatusOK)
+	}
+	return g.ResponseWriterWrapper.Write(b)
+}

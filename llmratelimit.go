@@ -1,0 +1,421 @@
+// Package llmratelimit is a Caddy HTTP handler that puts per-model, per-user
+// request and token limits in front of LLM APIs: OpenAI, Azure OpenAI,
+// Anthropic, Gemini, and the vLLM, llama.cpp and Ollama servers that speak
+// their dialects.
+//
+// It reads the model and the caller from each request, matches the request
+// against rules (seed 003's rules: an id, a when, limits, and
+// rate_limit_applies_per), charges every bucket of every matching rule at
+// once or none of them, and either passes the request on to the next handler
+// (normally reverse_proxy) or answers 429 in the caller's API dialect. Every
+// response it passes carries rate-limit headers. Limiter state lives in a
+// caddy.UsagePool, so a graceful reload keeps it.
+package llmratelimit
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/llmratelimit/caddy-llm-ratelimit/bucket"
+	"github.com/llmratelimit/caddy-llm-ratelimit/tokens"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+	httpcaddyfile.RegisterHandlerDirective("llm_rate_limit", parseCaddyfile)
+	// Rate limiting belongs before the proxy; registering the order means a
+	// Caddyfile works without an `order` global option.
+	httpcaddyfile.RegisterDirectiveOrder("llm_rate_limit", httpcaddyfile.Before, "reverse_proxy")
+}
+
+// DefaultMaxBody is the default bound on a request body the module reads.
+const DefaultMaxBody = 16 << 20
+
+// Handler is the llm_rate_limit HTTP handler. It rate-limits LLM API requests
+// by rules, before they reach the next handler.
+type Handler struct {
+	// User is a placeholder that gives the request's user, for example
+	// "{http.request.header.X-User}" or "{http.auth.user.id}". Default: none,
+	// and a request with an empty value has no user.
+	User string `json:"user,omitempty"`
+
+	// Team is a placeholder that gives the request's team. Default: none.
+	Team string `json:"team,omitempty"`
+
+	// VirtualAccount is a placeholder that gives the request's virtual
+	// account, typically its API key: "{http.request.header.Authorization}".
+	// The value is hashed (SHA-256, a leading "Bearer " dropped) before it is
+	// used anywhere, so keys never reach buckets, logs or headers.
+	// Default: none.
+	VirtualAccount string `json:"virtualaccount,omitempty"`
+
+	// MetadataHeader names a request header that carries a JSON object of
+	// string values, matched by when.metadata and used by
+	// rate_limit_applies_per's metadata.KEY. A header that is too large
+	// (over 4 KiB) or not such an object is ignored. Default: none.
+	MetadataHeader string `json:"metadata_header,omitempty"`
+
+	// Rules are the rate-limit rules. Every rule that matches a request
+	// applies, and the request is admitted only if all their buckets can
+	// take it.
+	Rules []Rule `json:"rules,omitempty"`
+
+	// MaxBody bounds the request body the module reads to find the model, in
+	// bytes. A larger body is answered with 413 in the caller's dialect.
+	// Default: 16 MiB.
+	MaxBody int64 `json:"max_body,omitempty"`
+
+	// Zone namespaces this handler's buckets. Handlers with the same zone
+	// and rule id share buckets, across sites and reloads. Default: "".
+	Zone string `json:"zone,omitempty"`
+
+	// UseHandleErrors makes refusals (429, and 413 and 400 for bad bodies)
+	// return a caddyhttp.Error for Caddy's handle_errors routes to answer,
+	// instead of writing the body in the caller's dialect. The rate-limit
+	// headers and Retry-After are set either way. Default: false.
+	UseHandleErrors bool `json:"use_handle_errors,omitempty"`
+
+	rules          []compiledRule
+	prefixes       []string
+	hasTokenLimits bool
+	state          *sharedState
+	logger         *zap.Logger
+	// now is the clock. Tests replace it; it defaults to time.Now.
+	now func() time.Time
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.llm_rate_limit",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision compiles the rules and attaches the handler to the limiter state
+// that outlives reloads.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if h.now == nil {
+		h.now = time.Now
+	}
+	if h.MaxBody == 0 {
+		h.MaxBody = DefaultMaxBody
+	}
+	rules, err := compileRules(h.Zone, h.Rules)
+	if err != nil {
+		return err
+	}
+	h.rules = rules
+	for _, r := range rules {
+		h.prefixes = append(h.prefixes, r.prefix)
+		for _, l := range r.limits {
+			if l.quantity == quantityTokens {
+				h.hasTokenLimits = true
+			}
+		}
+	}
+	if h.hasTokenLimits {
+		h.logger.Warn("token limits are validated but not yet charged: only request limits are enforced in this version")
+	}
+	h.state, err = acquireState()
+	if err != nil {
+		return err
+	}
+	h.state.retain(h.prefixes)
+	return nil
+}
+
+// Validate checks the options that Provision does not.
+func (h *Handler) Validate() error {
+	if h.MaxBody < 0 {
+		return fmt.Errorf("max_body must not be negative, got %d", h.MaxBody)
+	}
+	return nil
+}
+
+// Cleanup lets go of the shared limiter state. The buckets of rules that no
+// running configuration uses any more are freed.
+func (h *Handler) Cleanup() error {
+	if h.state == nil {
+		return nil
+	}
+	h.state.release(h.prefixes)
+	h.state = nil
+	return releaseState()
+}
+
+// exchange is the per-request working set, pooled so that the decision path
+// does not allocate.
+type exchange struct {
+	id      identity
+	req     tokens.Request
+	keys    []byte
+	offsets []int
+	applied []applied
+	charges []bucket.Charge
+	states  []bucket.State
+	// nEnforce is how many of applied/charges/states belong to enforcing
+	// rules; the rest are shadow rules.
+	nEnforce int
+	// body holds the request body the module read, kept so that it can be
+	// replayed upstream byte for byte.
+	body bytes.Buffer
+}
+
+// applied is one limit of one matching rule.
+type applied struct {
+	rule  *compiledRule
+	limit *compiledLimit
+}
+
+var exchangePool = sync.Pool{New: func() any { return new(exchange) }}
+
+// maxPooledBody keeps the pool from pinning the memory of rare huge bodies.
+const maxPooledBody = 1 << 20
+
+func getExchange() *exchange {
+	x := exchangePool.Get().(*exchange)
+	x.id.reset()
+	x.req = tokens.Request{}
+	x.keys, x.offsets = x.keys[:0], x.offsets[:0]
+	x.applied, x.charges, x.states = x.applied[:0], x.charges[:0], x.states[:0]
+	x.nEnforce = 0
+	x.body.Reset()
+	return x
+}
+
+func putExchange(x *exchange) {
+	if x.body.Cap() > maxPooledBody {
+		x.body = bytes.Buffer{}
+	}
+	exchangePool.Put(x)
+}
+
+// match finds the limits that apply to the request and builds their bucket
+// keys: enforcing rules first, then shadow rules. Token limits are left out
+// until token accounting charges them.
+func (x *exchange) match(rules []compiledRule) {
+	for pass := 0; pass < 2; pass++ {
+		shadow := pass == 1
+		for i := range rules {
+			r := &rules[i]
+			if r.shadow != shadow || !r.matches(&x.id) {
+				continue
+			}
+			for j := range r.limits {
+				l := &r.limits[j]
+				if l.quantity != quantityRequests {
+					continue
+				}
+				x.offsets = append(x.offsets, len(x.keys))
+				x.keys = r.appendKey(x.keys, l, &x.id)
+				x.applied = append(x.applied, applied{rule: r, limit: l})
+			}
+		}
+		if !shadow {
+			x.nEnforce = len(x.applied)
+		}
+	}
+	// The keys buffer has stopped growing: slice it into the charges.
+	for i, a := range x.applied {
+		end := len(x.keys)
+		if i+1 < len(x.offsets) {
+			end = x.offsets[i+1]
+		}
+		x.charges = append(x.charges, bucket.Charge{Key: x.keys[x.offsets[i]:end], Limit: a.limit.limit, Cost: 1})
+		x.states = append(x.states, bucket.State{})
+	}
+}
+
+// outcome is what decide concluded.
+type outcome struct {
+	bucket.Decision
+	// shadowRefused is the index of the shadow limit that would have refused
+	// the request, or -1.
+	shadowRefused int
+}
+
+// decide charges the request's buckets: the enforcing ones atomically, and
+// then, if the request is admitted, the shadow ones on their own.
+func (h *Handler) decide(ctx context.Context, now time.Time, x *exchange) (outcome, error) {
+	out := outcome{Decision: bucket.Decision{Allowed: true, Limiting: -1}, shadowRefused: -1}
+	store := h.state.store
+	if x.nEnforce > 0 {
+		d, err := store.Reserve(ctx, now, x.charges[:x.nEnforce], 0, x.states[:x.nEnforce])
+		if err != nil {
+			return out, err
+		}
+		out.Decision = d
+	}
+	shadow := x.charges[x.nEnforce:]
+	if len(shadow) == 0 {
+		return out, nil
+	}
+	if !out.Allowed {
+		// A refused request never reaches the upstream, so it costs the
+		// shadow rules nothing either; they still report their state.
+		return out, store.Peek(ctx, now, shadow, x.states[x.nEnforce:])
+	}
+	d, err := store.Reserve(ctx, now, shadow, 0, x.states[x.nEnforce:])
+	if err != nil {
+		return out, err
+	}
+	if !d.Allowed {
+		out.shadowRefused = x.nEnforce + d.Limiting
+	}
+	return out, nil
+}
+
+// ServeHTTP implements caddyhttp.MiddlewareHandler.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	x := getExchange()
+	defer putExchange(x)
+
+	dialect, endpoint, pathModel := tokens.Route(r.Method, r.URL.Path)
+	if dialect != tokens.DialectUnknown {
+		if err := h.readBody(w, r, dialect, x); err != nil {
+			return err
+		}
+		if x.body.Len() > 0 || pathModel != "" {
+			p := tokens.GetParser()
+			err := p.Parse(dialect, endpoint, pathModel, x.body.Bytes(), &x.req)
+			tokens.PutParser(p)
+			if err != nil {
+				return h.refuse(w, dialect, http.StatusBadRequest, tokens.ErrBadRequest, "", "invalid request body: "+err.Error())
+			}
+		}
+	}
+	h.identify(r, x)
+	x.match(h.rules)
+	if len(x.charges) == 0 {
+		return next.ServeHTTP(w, r)
+	}
+
+	now := h.now()
+	out, err := h.decide(r.Context(), now, x)
+	if err != nil {
+		// The in-memory store cannot fail; a shared store that does must not
+		// take the API down with it.
+		h.logger.Error("limiter store failed; request let through", zap.Error(err))
+		return next.ServeHTTP(w, r)
+	}
+	if out.shadowRefused >= 0 {
+		a := x.applied[out.shadowRefused]
+		h.logger.Info("shadow rule would refuse the request",
+			zap.String("rule", a.rule.id), zap.String("unit", a.limit.unit),
+			zap.String("model", x.id.model), zap.Duration("retry_after", out.Delay))
+	}
+	setRateLimitHeaders(w.Header(), now, x)
+	if !out.Allowed {
+		return h.tooMany(w, dialect, x, out.Decision)
+	}
+	return next.ServeHTTP(&headerGuard{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w}}, r)
+}
+
+// readBody reads a recognised request's body, up to MaxBody, into x.body and
+// puts an identical, replayable body back on the request.
+func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, d tokens.Dialect, x *exchange) error {
+	if r.Body == nil || r.Body == http.NoBody {
+		return nil
+	}
+	tooLarge := func() error {
+		return h.refuse(w, d, http.StatusRequestEntityTooLarge, tokens.ErrTooLarge, "",
+			fmt.Sprintf("request body is larger than the gateway's limit of %d bytes", h.MaxBody))
+	}
+	if r.ContentLength > h.MaxBody {
+		return tooLarge()
+	}
+	n, err := x.body.ReadFrom(io.LimitReader(r.Body, h.MaxBody+1))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return tooLarge()
+		}
+		// The client went away or sent a broken body. Answer it anyway, so
+		// that no request ends without a response in the log.
+		h.logger.Debug("reading request body", zap.Error(err))
+		return h.refuse(w, d, http.StatusBadRequest, tokens.ErrBadRequest, "", "could not read the request body")
+	}
+	if n > h.MaxBody {
+		return tooLarge()
+	}
+	body := x.body.Bytes()
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	r.ContentLength = n
+	// The body is now known in full: send it with a Content-Length even if
+	// it arrived chunked. The bytes themselves are unchanged.
+	r.TransferEncoding = nil
+	return nil
+}
+
+// identify resolves who is asking and about what.
+func (h *Handler) identify(r *http.Request, x *exchange) {
+	x.id.model = x.req.Model
+	if h.User == "" && h.Team == "" && h.VirtualAccount == "" && h.MetadataHeader == "" {
+		return
+	}
+	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	if repl != nil {
+		if h.User != "" {
+			x.id.user = repl.ReplaceAll(h.User, "")
+		}
+		if h.Team != "" {
+			x.id.team = repl.ReplaceAll(h.Team, "")
+		}
+		if h.VirtualAccount != "" {
+			x.id.account = hashAccount(repl.ReplaceAll(h.VirtualAccount, ""))
+		}
+	}
+	if h.MetadataHeader != "" {
+		var why string
+		x.id.metadata, why = parseMetadata(x.id.metadata, r.Header.Get(h.MetadataHeader))
+		if why != "" {
+			h.logger.Debug("ignoring metadata header", zap.String("header", h.MetadataHeader), zap.String("reason", why))
+		}
+	}
+}
+
+// tooMany answers a refused request.
+func (h *Handler) tooMany(w http.ResponseWriter, d tokens.Dialect, x *exchange, dec bucket.Decision) error {
+	hdr := w.Header()
+	hdr.Set("Retry-After", retryAfterSeconds(dec.Delay))
+	hdr.Set("Retry-After-Ms", retryAfterMillis(dec.Delay))
+	a := x.applied[dec.Limiting]
+	msg := fmt.Sprintf("rate limit exceeded: rule %q allows %d %s", a.rule.id, a.limit.limit.Count, a.limit.unit)
+	if a.rule.perText != "" {
+		msg += " per " + a.rule.perText
+	}
+	msg += fmt.Sprintf("; retry after %s", dec.Delay.Round(time.Millisecond))
+	return h.refuse(w, d, http.StatusTooManyRequests, tokens.ErrRateLimited, a.limit.quantity.String(), msg)
+}
+
+// refuse answers the request with an error in its dialect, or hands the
+// error to Caddy's handle_errors when the operator asked for that.
+func (h *Handler) refuse(w http.ResponseWriter, d tokens.Dialect, status int, kind tokens.ErrorKind, unit, msg string) error {
+	if h.UseHandleErrors {
+		return caddyhttp.Error(status, errors.New(msg))
+	}
+	tokens.WriteError(w, d, status, kind, unit, msg)
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)
