@@ -1,6 +1,7 @@
 package llmratelimit
 
 import (
+	"io"
 	"net/http"
 	"strconv"
 	"time"
@@ -22,8 +23,15 @@ const (
 	headerReset     = "X-RateLimit-Reset"
 )
 
-// ourHeaders are the fields the guard keeps from duplicating an upstream's.
-var ourHeaders = [...]string{headerPolicy, headerRateLimit, headerLimit, headerRemaining, headerReset}
+// ourHeaders are the fields the guard keeps from duplicating an upstream's,
+// in canonical form since the guard indexes the header map directly.
+var ourHeaders = [...]string{
+	http.CanonicalHeaderKey(headerPolicy),
+	http.CanonicalHeaderKey(headerRateLimit),
+	http.CanonicalHeaderKey(headerLimit),
+	http.CanonicalHeaderKey(headerRemaining),
+	http.CanonicalHeaderKey(headerReset),
+}
 
 // setRateLimitHeaders writes the rate-limit fields for the request's buckets.
 func setRateLimitHeaders(h http.Header, now time.Time, x *exchange) {
@@ -112,4 +120,11 @@ func (g *headerGuard) Write(b []byte) (int, error) {
 		g.WriteHeader(http.StatusOK)
 	}
 	return g.ResponseWriterWrapper.Write(b)
+}
+
+func (g *headerGuard) ReadFrom(r io.Reader) (int64, error) {
+	if !g.wroteHeader {
+		g.WriteHeader(http.StatusOK)
+	}
+	return g.ResponseWriterWrapper.ReadFrom(r)
 }

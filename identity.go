@@ -62,8 +62,8 @@ func (id *identity) meta(key string) (string, bool) {
 // 128 bits keep accidental collisions out of reach while keeping keys short.
 func hashAccount(v string) string {
 	v = strings.TrimSpace(v)
-	if len(v) > 7 && strings.EqualFold(v[:7], "bearer ") {
-		v = strings.TrimSpace(v[7:])
+	if len(v) >= 6 && strings.EqualFold(v[:6], "bearer") && (len(v) == 6 || v[6] == ' ') {
+		v = strings.TrimSpace(v[6:])
 	}
 	if v == "" {
 		return ""

@@ -169,9 +169,10 @@ type exchange struct {
 	// nEnforce is how many of applied/charges/states belong to enforcing
 	// rules; the rest are shadow rules.
 	nEnforce int
-	// body holds the request body the module read, kept so that it can be
-	// replayed upstream byte for byte.
-	body bytes.Buffer
+	// body is the request body the module read. It is not pooled: the
+	// request keeps it after the handler returns, when handle_errors routes
+	// may still send it on (to a fallback upstream, say).
+	body []byte
 }
 
 // applied is one limit of one matching rule.
@@ -182,9 +183,6 @@ type applied struct {
 
 var exchangePool = sync.Pool{New: func() any { return new(exchange) }}
 
-// maxPooledBody keeps the pool from pinning the memory of rare huge bodies.
-const maxPooledBody = 1 << 20
-
 func getExchange() *exchange {
 	x := exchangePool.Get().(*exchange)
 	x.id.reset()
@@ -192,14 +190,12 @@ func getExchange() *exchange {
 	x.keys, x.offsets = x.keys[:0], x.offsets[:0]
 	x.applied, x.charges, x.states = x.applied[:0], x.charges[:0], x.states[:0]
 	x.nEnforce = 0
-	x.body.Reset()
+	x.body = nil
 	return x
 }
 
 func putExchange(x *exchange) {
-	if x.body.Cap() > maxPooledBody {
-		x.body = bytes.Buffer{}
-	}
+	x.body = nil
 	exchangePool.Put(x)
 }
 
@@ -288,9 +284,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if err := h.readBody(w, r, dialect, x); err != nil {
 			return err
 		}
-		if x.body.Len() > 0 || pathModel != "" {
+		if len(x.body) > 0 || pathModel != "" {
 			p := tokens.GetParser()
-			err := p.Parse(dialect, endpoint, pathModel, x.body.Bytes(), &x.req)
+			err := p.Parse(dialect, endpoint, pathModel, x.body, &x.req)
 			tokens.PutParser(p)
 			if err != nil {
 				return h.refuse(w, dialect, http.StatusBadRequest, tokens.ErrBadRequest, "", "invalid request body: "+err.Error())
@@ -337,7 +333,13 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, d tokens.Dial
 	if r.ContentLength > h.MaxBody {
 		return tooLarge()
 	}
-	n, err := x.body.ReadFrom(io.LimitReader(r.Body, h.MaxBody+1))
+	var buf bytes.Buffer
+	if r.ContentLength > 0 {
+		// Exactly one allocation when the length is announced (+1 so that
+		// ReadFrom sees EOF without growing).
+		buf.Grow(int(r.ContentLength) + 1)
+	}
+	n, err := buf.ReadFrom(io.LimitReader(r.Body, h.MaxBody+1))
 	if err != nil {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
@@ -351,7 +353,8 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, d tokens.Dial
 	if n > h.MaxBody {
 		return tooLarge()
 	}
-	body := x.body.Bytes()
+	body := buf.Bytes()
+	x.body = body
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 	r.ContentLength = n

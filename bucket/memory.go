@@ -220,10 +220,20 @@ func (s *MemoryStore) Reserve(_ context.Context, now time.Time, charges []Charge
 	s.begin(&c, now, charges)
 	defer c.end()
 
+	// Each charge's span and tolerance cost a division each; work them out
+	// once. Up to eight charges this stays on the stack.
+	var spanBuf, tolBuf [8]int64
+	spans, tols := spanBuf[:0], tolBuf[:0]
+	if len(charges) > len(spanBuf) {
+		spans, tols = make([]int64, 0, len(charges)), make([]int64, 0, len(charges))
+	}
 	d := Decision{Limiting: -1}
 	var wait int64
 	for i := range charges {
-		if w := conformsAfter(c.now, c.tat(i), &charges[i]); w > wait {
+		l := &charges[i].Limit
+		sp, tol := l.span(charges[i].Cost), l.tolerance()
+		spans, tols = append(spans, sp), append(tols, tol)
+		if w := conformsAfter(c.now, c.tat(i), sp, tol); w > wait {
 			wait, d.Limiting = w, i
 		}
 	}
@@ -233,22 +243,20 @@ func (s *MemoryStore) Reserve(_ context.Context, now time.Time, charges []Charge
 		ch := &charges[i]
 		tat := c.tat(i)
 		if d.Allowed {
-			tat = max(tat, c.now) + ch.Limit.span(ch.Cost)
+			tat = max(tat, c.now) + spans[i]
 			c.setTAT(i, ch, tat)
 		}
 		if states != nil {
-			states[i] = stateOf(c.now, tat, ch.Limit)
+			states[i] = stateOf(c.now, tat, tols[i], ch.Limit)
 		}
 	}
 	return d, nil
 }
 
-// conformsAfter returns how long after now the charge c conforms on a bucket
-// whose TAT is tat.
-func conformsAfter(now, tat int64, c *Charge) int64 {
+// conformsAfter returns how long after now a charge of span sp conforms on a
+// bucket whose TAT is tat and whose tolerance is tol.
+func conformsAfter(now, tat, sp, tol int64) int64 {
 	base := max(tat, now)
-	tol := c.Limit.tolerance()
-	sp := c.Limit.span(c.Cost)
 	if sp > tol {
 		// Larger than the capacity: admit when the bucket is full.
 		sp = tol
@@ -257,8 +265,7 @@ func conformsAfter(now, tat int64, c *Charge) int64 {
 }
 
 // stateOf reports a bucket's remaining units and time to full.
-func stateOf(now, tat int64, l Limit) State {
-	tol := l.tolerance()
+func stateOf(now, tat, tol int64, l Limit) State {
 	st := State{ResetAfter: time.Duration(max(tat-now, 0))}
 	st.Remaining = min(l.unitsWithin(now+tol-max(tat, now)), l.Capacity())
 	return st
@@ -290,7 +297,7 @@ func (s *MemoryStore) Peek(_ context.Context, now time.Time, charges []Charge, s
 	s.begin(&c, now, charges)
 	defer c.end()
 	for i := range charges {
-		states[i] = stateOf(c.now, c.tat(i), charges[i].Limit)
+		states[i] = stateOf(c.now, c.tat(i), charges[i].Limit.tolerance(), charges[i].Limit)
 	}
 	return nil
 }
