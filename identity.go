@@ -72,6 +72,19 @@ func hashAccount(v string) string {
 	return hex.EncodeToString(sum[:16])
 }
 
+// maxIdentityValue bounds a user or team value as the module keeps it.
+const maxIdentityValue = 256
+
+// boundedValue keeps a user or team value at most maxIdentityValue bytes, so
+// that a hostile header cannot make bucket keys or logs arbitrarily large. A
+// longer value is replaced by its hash, which keeps distinct values distinct.
+func boundedValue(v string) string {
+	if len(v) <= maxIdentityValue {
+		return v
+	}
+	return "sha256:" + hashAccount(v)
+}
+
 // Bounds on the metadata header. A header past them is ignored, not refused:
 // metadata refines which rules apply, and a client must not be able to turn a
 // malformed header into an error or a cost.

@@ -373,10 +373,10 @@ func (h *Handler) identify(r *http.Request, x *exchange) {
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	if repl != nil {
 		if h.User != "" {
-			x.id.user = repl.ReplaceAll(h.User, "")
+			x.id.user = boundedValue(repl.ReplaceAll(h.User, ""))
 		}
 		if h.Team != "" {
-			x.id.team = repl.ReplaceAll(h.Team, "")
+			x.id.team = boundedValue(repl.ReplaceAll(h.Team, ""))
 		}
 		if h.VirtualAccount != "" {
 			x.id.account = hashAccount(repl.ReplaceAll(h.VirtualAccount, ""))

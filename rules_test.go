@@ -150,3 +150,13 @@ func TestHashAccount(t *testing.T) {
 		t.Fatal("an empty key is an account")
 	}
 }
+
+func TestBoundedValue(t *testing.T) {
+	long := strings.Repeat("u", 10000)
+	if v := boundedValue(long); len(v) > maxIdentityValue || v == boundedValue(long+"x") {
+		t.Fatalf("bounded %q", v)
+	}
+	if boundedValue("alice") != "alice" {
+		t.Fatal("short value changed")
+	}
+}
