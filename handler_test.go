@@ -195,6 +195,7 @@ func TestHandlerAtomicAcrossRules(t *testing.T) {
 func TestHandlerErrorsPerDialect(t *testing.T) {
 	h := &Handler{MaxBody: 64, Rules: []Rule{{ID: "r", Limits: []Limit{{LimitTo: 100, Unit: "requests_per_minute"}}}}}
 	newTestHandler(t, h)
+	up := &upstream{}
 	for _, tc := range []struct {
 		path, body string
 		status     int
@@ -206,9 +207,14 @@ func TestHandlerErrorsPerDialect(t *testing.T) {
 		{"/api/chat", `[]`, 400, `{"error":`},
 		{"/v1/models", `anything at all, it is not read`, 200, `{"ok":true}`},
 	} {
-		w := serve(t, h, &upstream{}, tc.path, tc.body)
+		calls := up.calls
+		w := serve(t, h, up, tc.path, tc.body)
 		if w.Code != tc.status || !strings.Contains(w.Body.String(), tc.want) {
 			t.Errorf("%s %q: %d %s; want %d and %s", tc.path, tc.body, w.Code, w.Body, tc.status, tc.want)
+		}
+		// A request the module answers itself goes no further.
+		if forwarded := up.calls > calls; forwarded != (tc.status == 200) {
+			t.Errorf("%s %q: forwarded = %v", tc.path, tc.body, forwarded)
 		}
 	}
 	// Operators who prefer handle_errors get a caddyhttp.Error.

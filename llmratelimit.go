@@ -20,6 +20,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -89,8 +90,13 @@ type Handler struct {
 	rules          []compiledRule
 	prefixes       []string
 	hasTokenLimits bool
-	state          *sharedState
-	logger         *zap.Logger
+	// state is kept after Cleanup: Caddy cleans up an old configuration
+	// while its last requests may still be in flight, and they must still
+	// find a store.
+	state *sharedState
+	// released is set (atomically) by the first Cleanup.
+	released int32
+	logger   *zap.Logger
 	// now is the clock. Tests replace it; it defaults to time.Now.
 	now func() time.Time
 }
@@ -148,11 +154,10 @@ func (h *Handler) Validate() error {
 // Cleanup lets go of the shared limiter state. The buckets of rules that no
 // running configuration uses any more are freed.
 func (h *Handler) Cleanup() error {
-	if h.state == nil {
+	if h.state == nil || atomic.SwapInt32(&h.released, 1) == 1 {
 		return nil
 	}
 	h.state.release(h.prefixes)
-	h.state = nil
 	return releaseState()
 }
 
@@ -281,7 +286,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	dialect, endpoint, pathModel := tokens.Route(r.Method, r.URL.Path)
 	if dialect != tokens.DialectUnknown {
-		if err := h.readBody(w, r, dialect, x); err != nil {
+		if answered, err := h.readBody(w, r, dialect, x); answered {
 			return err
 		}
 		if len(x.body) > 0 || pathModel != "" {
@@ -321,13 +326,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 }
 
 // readBody reads a recognised request's body, up to MaxBody, into x.body and
-// puts an identical, replayable body back on the request.
-func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, d tokens.Dialect, x *exchange) error {
+// puts an identical, replayable body back on the request. When the body is
+// too large or cannot be read, it answers the request itself and returns
+// answered = true, with the error for Caddy if the operator chose
+// handle_errors.
+func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, d tokens.Dialect, x *exchange) (answered bool, err error) {
 	if r.Body == nil || r.Body == http.NoBody {
-		return nil
+		return false, nil
 	}
-	tooLarge := func() error {
-		return h.refuse(w, d, http.StatusRequestEntityTooLarge, tokens.ErrTooLarge, "",
+	tooLarge := func() (bool, error) {
+		return true, h.refuse(w, d, http.StatusRequestEntityTooLarge, tokens.ErrTooLarge, "",
 			fmt.Sprintf("request body is larger than the gateway's limit of %d bytes", h.MaxBody))
 	}
 	if r.ContentLength > h.MaxBody {
@@ -348,7 +356,7 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, d tokens.Dial
 		// The client went away or sent a broken body. Answer it anyway, so
 		// that no request ends without a response in the log.
 		h.logger.Debug("reading request body", zap.Error(err))
-		return h.refuse(w, d, http.StatusBadRequest, tokens.ErrBadRequest, "", "could not read the request body")
+		return true, h.refuse(w, d, http.StatusBadRequest, tokens.ErrBadRequest, "", "could not read the request body")
 	}
 	if n > h.MaxBody {
 		return tooLarge()
@@ -361,7 +369,7 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, d tokens.Dial
 	// The body is now known in full: send it with a Content-Length even if
 	// it arrived chunked. The bytes themselves are unchanged.
 	r.TransferEncoding = nil
-	return nil
+	return false, nil
 }
 
 // identify resolves who is asking and about what.

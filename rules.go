@@ -44,7 +44,8 @@ type Rule struct {
 type When struct {
 	// Subjects are "user:NAME", "team:NAME" and "virtualaccount:NAME". NAME
 	// for a virtual account is compared after hashing (as the request's value
-	// is), or may be given as "sha256:HEX" to avoid writing a key in config.
+	// is), or may be given as "sha256:HEX", the key's SHA-256 in hex (all 64
+	// digits or the first 32), to keep the key itself out of the config.
 	Subjects []string `json:"subjects,omitempty"`
 	// Models are model names. A trailing "*" makes a prefix: "gpt-4o*".
 	Models []string `json:"models,omitempty"`
@@ -302,10 +303,12 @@ func parseSubject(s string) (subject, error) {
 		return subject{kind: dimTeam, value: value}, nil
 	case "virtualaccount":
 		if h, ok := strings.CutPrefix(value, "sha256:"); ok {
-			if len(h) < 8 || strings.Trim(strings.ToLower(h), "0123456789abcdef") != "" {
-				return subject{}, fmt.Errorf("subject %q: sha256: must be followed by hex digits", s)
+			// The full digest (64 hex digits) or the 32 the module keeps.
+			h = strings.ToLower(h)
+			if len(h) != 32 && len(h) != 64 || strings.Trim(h, "0123456789abcdef") != "" {
+				return subject{}, fmt.Errorf("subject %q: sha256: must be followed by the 64 (or first 32) hex digits of the key's SHA-256", s)
 			}
-			return subject{kind: dimVirtualAccount, value: strings.ToLower(h)}, nil
+			return subject{kind: dimVirtualAccount, value: h[:32]}, nil
 		}
 		return subject{kind: dimVirtualAccount, value: hashAccount(value)}, nil
 	}

@@ -2,6 +2,8 @@ package llmratelimit
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"strings"
 	"testing"
 )
@@ -26,7 +28,7 @@ func TestCompileRulesErrors(t *testing.T) {
 		{"bad mode", []Rule{{ID: "a", Limits: lim, Mode: "dry-run"}}, `mode "dry-run"`},
 		{"bad subject", []Rule{{ID: "a", Limits: lim, When: &When{Subjects: []string{"group:x"}}}}, `unknown kind "group"`},
 		{"subject without value", []Rule{{ID: "a", Limits: lim, When: &When{Subjects: []string{"user:"}}}}, "want user:NAME"},
-		{"bad account hash", []Rule{{ID: "a", Limits: lim, When: &When{Subjects: []string{"virtualaccount:sha256:xyz"}}}}, "hex digits"},
+		{"bad account hash", []Rule{{ID: "a", Limits: lim, When: &When{Subjects: []string{"virtualaccount:sha256:xyz"}}}}, "hex digits of the key's SHA-256"},
 		{"empty model", []Rule{{ID: "a", Limits: lim, When: &When{Models: []string{""}}}}, "empty model"},
 		{"empty metadata key", []Rule{{ID: "a", Limits: lim, When: &When{Metadata: map[string]string{"": "x"}}}}, "empty key"},
 		{"bad dimension", []Rule{{ID: "a", Limits: lim, AppliesPer: []string{"org"}}}, `unknown dimension "org"`},
@@ -51,6 +53,7 @@ func TestRuleMatching(t *testing.T) {
 		{ID: "metadata", Limits: lim, When: &When{Metadata: map[string]string{"env": "prod", "tier": "gold"}}},
 		{ID: "and", Limits: lim, When: &When{Subjects: []string{"team:backend"}, Models: []string{"gpt-4o"}, Metadata: map[string]string{"env": "prod"}}},
 		{ID: "hashed", Limits: lim, When: &When{Subjects: []string{"virtualaccount:sha256:" + hashAccount("sk-other")}}},
+		{ID: "full-digest", Limits: lim, When: &When{Subjects: []string{"virtualaccount:sha256:" + fullDigest("sk-other")}}},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -73,7 +76,7 @@ func TestRuleMatching(t *testing.T) {
 		{"other user", identity{user: "dev@example.org"}, "all"},
 		{"user name is not a team", identity{user: "backend"}, "all"},
 		{"account", identity{account: hashAccount("Bearer sk-test")}, "all subjects"},
-		{"hashed account", identity{account: hashAccount("sk-other")}, "all hashed"},
+		{"hashed account", identity{account: hashAccount("sk-other")}, "all hashed full-digest"},
 		{"model exact", identity{model: "gpt-4o"}, "all models"},
 		{"model exact is not prefix", identity{model: "gpt-4o-mini"}, "all"},
 		{"model prefix", identity{model: "claude-sonnet-4"}, "all models"},
@@ -159,4 +162,9 @@ func TestBoundedValue(t *testing.T) {
 	if boundedValue("alice") != "alice" {
 		t.Fatal("short value changed")
 	}
+}
+
+func fullDigest(key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return hex.EncodeToString(sum[:])
 }
