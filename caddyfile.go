@@ -39,6 +39,18 @@ var shorthands = map[string]string{
 //		metadata_header <header-name>     # a JSON object of string values
 //
 //		max_body  <size>                  # default 16MiB; larger bodies get 413
+//
+//		# token accounting for tokens_per_* limits (all optional)
+//		tokens {
+//			chars_per_token   <n>         # default 4; CJK counts 1 per character
+//			completion_tokens <n>         # when the request names no max; default 1024
+//			oversize admit|reject         # a request above a bucket's capacity; default admit
+//			stream_usage                  # add stream_options.include_usage to OpenAI streams
+//			model <name|prefix*> {
+//				chars_per_token   <n>
+//				completion_tokens <n>
+//			}
+//		}
 //		zone      <name>                  # bucket namespace; default ""
 //		use_handle_errors                 # refusals go to handle_errors
 //
@@ -120,6 +132,15 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			h.UseHandleErrors = true
+		case "tokens":
+			if err := once(name); err != nil {
+				return err
+			}
+			tc, err := parseTokensBlock(d)
+			if err != nil {
+				return err
+			}
+			h.Tokens = tc
 		case "rule":
 			var id string
 			if !d.AllArgs(&id) {
@@ -149,6 +170,81 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if _, err := compileRules(h.Zone, h.Rules); err != nil {
 		return d.Errf("llm_rate_limit: %v", err)
 	}
+	if _, err := h.Tokens.compile(); err != nil {
+		return d.Errf("llm_rate_limit: %v", err)
+	}
+	return nil
+}
+
+// parseTokensBlock parses the tokens block.
+func parseTokensBlock(d *caddyfile.Dispenser) (*TokenConfig, error) {
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	tc := &TokenConfig{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch name := d.Val(); name {
+		case "chars_per_token", "completion_tokens":
+			var v string
+			if !d.AllArgs(&v) {
+				return nil, d.ArgErr()
+			}
+			if err := setEstimateOption(d, name, v, &tc.CharsPerToken, &tc.CompletionTokens); err != nil {
+				return nil, err
+			}
+		case "oversize":
+			if !d.AllArgs(&tc.Oversize) {
+				return nil, d.ArgErr()
+			}
+			if tc.Oversize != "admit" && tc.Oversize != "reject" {
+				return nil, d.Errf("tokens: oversize %q: want admit or reject", tc.Oversize)
+			}
+		case "stream_usage":
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			tc.StreamUsage = true
+		case "model":
+			m := ModelTokenConfig{}
+			if !d.AllArgs(&m.Match) {
+				return nil, d.Errf("tokens: model needs exactly one argument, the model name or prefix*")
+			}
+			for mn := d.Nesting(); d.NextBlock(mn); {
+				opt := d.Val()
+				var v string
+				if opt != "chars_per_token" && opt != "completion_tokens" {
+					return nil, d.Errf("tokens: model %s: unrecognized option %q: want chars_per_token or completion_tokens", m.Match, opt)
+				}
+				if !d.AllArgs(&v) {
+					return nil, d.ArgErr()
+				}
+				if err := setEstimateOption(d, opt, v, &m.CharsPerToken, &m.CompletionTokens); err != nil {
+					return nil, err
+				}
+			}
+			tc.Models = append(tc.Models, m)
+		default:
+			return nil, d.Errf("tokens: unrecognized option %q: want chars_per_token, completion_tokens, oversize, stream_usage or model", name)
+		}
+	}
+	return tc, nil
+}
+
+// setEstimateOption parses chars_per_token or completion_tokens.
+func setEstimateOption(d *caddyfile.Dispenser, name, v string, cpt *float64, completion *int64) error {
+	if name == "chars_per_token" {
+		f, err := strconv.ParseFloat(v, 64)
+		if err != nil || !(f > 0 && f <= 100) {
+			return d.Errf("tokens: chars_per_token %q: want a number above 0 and at most 100", v)
+		}
+		*cpt = f
+		return nil
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || n <= 0 {
+		return d.Errf("tokens: completion_tokens %q: want a positive whole number", v)
+	}
+	*completion = n
 	return nil
 }
 

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/llmratelimit/caddy-llm-ratelimit/tokens"
 )
 
 // Header names. RateLimit-Policy and RateLimit follow
@@ -97,9 +99,16 @@ func retryAfterMillis(d time.Duration) string {
 // every response, even one Caddy writes for an error. When the upstream
 // sends a field of the same name, reverse_proxy adds its value to ours; the
 // guard then drops ours, so the client sees the upstream's value alone.
+//
+// When the request was charged tokens, the guard also hands a copy of every
+// byte written to the client to a usage watcher, so that the tokens can be
+// settled when the response ends. Nothing is buffered or delayed.
 type headerGuard struct {
 	*caddyhttp.ResponseWriterWrapper
 	wroteHeader bool
+	watch       *usageWatcher
+	dialect     tokens.Dialect
+	endpoint    tokens.Endpoint
 }
 
 func (g *headerGuard) WriteHeader(status int) {
@@ -111,6 +120,9 @@ func (g *headerGuard) WriteHeader(status int) {
 				h[name] = v[1:]
 			}
 		}
+		if g.watch != nil {
+			g.watch.start(g.dialect, g.endpoint, h, status)
+		}
 	}
 	g.ResponseWriterWrapper.WriteHeader(status)
 }
@@ -119,12 +131,24 @@ func (g *headerGuard) Write(b []byte) (int, error) {
 	if !g.wroteHeader {
 		g.WriteHeader(http.StatusOK)
 	}
-	return g.ResponseWriterWrapper.Write(b)
+	n, err := g.ResponseWriterWrapper.Write(b)
+	if g.watch != nil && !g.watch.off {
+		// Only what reached the client counts.
+		g.watch.scanner.Write(b[:n])
+	}
+	return n, err
 }
 
 func (g *headerGuard) ReadFrom(r io.Reader) (int64, error) {
 	if !g.wroteHeader {
 		g.WriteHeader(http.StatusOK)
 	}
+	if g.watch != nil {
+		// Through Write, so that the watcher sees the bytes.
+		return io.Copy(writerOnly{g}, r)
+	}
 	return g.ResponseWriterWrapper.ReadFrom(r)
 }
+
+// writerOnly hides ReadFrom, so that io.Copy writes through Write.
+type writerOnly struct{ io.Writer }

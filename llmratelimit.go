@@ -77,6 +77,12 @@ type Handler struct {
 	// Default: 16 MiB.
 	MaxBody int64 `json:"max_body,omitempty"`
 
+	// Tokens configures token accounting for tokens_per_* limits: the
+	// estimate charged at admission and the settlement on the real usage.
+	// Default: an estimate of 4 characters per token and 1024 completion
+	// tokens when the request names no maximum.
+	Tokens *TokenConfig `json:"tokens,omitempty"`
+
 	// Zone namespaces this handler's buckets. Handlers with the same zone
 	// and rule id share buckets, across sites and reloads. Default: "".
 	Zone string `json:"zone,omitempty"`
@@ -90,6 +96,8 @@ type Handler struct {
 	rules          []compiledRule
 	prefixes       []string
 	hasTokenLimits bool
+	tokens         tokenSettings
+	metrics        *metrics
 	// state is kept after Cleanup: Caddy cleans up an old configuration
 	// while its last requests may still be in flight, and they must still
 	// find a store.
@@ -132,8 +140,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			}
 		}
 	}
-	if h.hasTokenLimits {
-		h.logger.Warn("token limits are validated but not yet charged: only request limits are enforced in this version")
+	if h.tokens, err = h.Tokens.compile(); err != nil {
+		return err
+	}
+	if h.metrics, err = newMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return err
 	}
 	h.state, err = acquireState()
 	if err != nil {
@@ -174,6 +185,17 @@ type exchange struct {
 	// nEnforce is how many of applied/charges/states belong to enforcing
 	// rules; the rest are shadow rules.
 	nEnforce int
+	// charged tells, per charge, whether the bucket was charged (and so
+	// must be settled).
+	charged []bool
+	// tokenCharges counts the token limits among the charges.
+	tokenCharges int
+	// est is the estimator for the request's model, and promptEst and
+	// completionEst what it estimated.
+	est                      tokens.Estimator
+	promptEst, completionEst int64
+	// adjust is scratch space for settlement.
+	adjust []bucket.Charge
 	// body is the request body the module read. It is not pooled: the
 	// request keeps it after the handler returns, when handle_errors routes
 	// may still send it on (to a fallback upstream, say).
@@ -194,7 +216,9 @@ func getExchange() *exchange {
 	x.req = tokens.Request{}
 	x.keys, x.offsets = x.keys[:0], x.offsets[:0]
 	x.applied, x.charges, x.states = x.applied[:0], x.charges[:0], x.states[:0]
-	x.nEnforce = 0
+	x.charged, x.adjust = x.charged[:0], x.adjust[:0]
+	x.nEnforce, x.tokenCharges = 0, 0
+	x.est, x.promptEst, x.completionEst = tokens.Estimator{}, 0, 0
 	x.body = nil
 	return x
 }
@@ -205,8 +229,8 @@ func putExchange(x *exchange) {
 }
 
 // match finds the limits that apply to the request and builds their bucket
-// keys: enforcing rules first, then shadow rules. Token limits are left out
-// until token accounting charges them.
+// keys: enforcing rules first, then shadow rules. A request limit costs one;
+// a token limit costs the request's estimate.
 func (x *exchange) match(rules []compiledRule) {
 	for pass := 0; pass < 2; pass++ {
 		shadow := pass == 1
@@ -217,9 +241,6 @@ func (x *exchange) match(rules []compiledRule) {
 			}
 			for j := range r.limits {
 				l := &r.limits[j]
-				if l.quantity != quantityRequests {
-					continue
-				}
 				x.offsets = append(x.offsets, len(x.keys))
 				x.keys = r.appendKey(x.keys, l, &x.id)
 				x.applied = append(x.applied, applied{rule: r, limit: l})
@@ -235,8 +256,14 @@ func (x *exchange) match(rules []compiledRule) {
 		if i+1 < len(x.offsets) {
 			end = x.offsets[i+1]
 		}
-		x.charges = append(x.charges, bucket.Charge{Key: x.keys[x.offsets[i]:end], Limit: a.limit.limit, Cost: 1})
+		cost := int64(1)
+		if a.limit.quantity == quantityTokens {
+			cost = x.promptEst + x.completionEst
+			x.tokenCharges++
+		}
+		x.charges = append(x.charges, bucket.Charge{Key: x.keys[x.offsets[i]:end], Limit: a.limit.limit, Cost: cost})
 		x.states = append(x.states, bucket.State{})
+		x.charged = append(x.charged, false)
 	}
 }
 
@@ -259,6 +286,11 @@ func (h *Handler) decide(ctx context.Context, now time.Time, x *exchange) (outco
 			return out, err
 		}
 		out.Decision = d
+		if d.Allowed {
+			for i := range x.nEnforce {
+				x.charged[i] = true
+			}
+		}
 	}
 	shadow := x.charges[x.nEnforce:]
 	if len(shadow) == 0 {
@@ -275,6 +307,10 @@ func (h *Handler) decide(ctx context.Context, now time.Time, x *exchange) (outco
 	}
 	if !d.Allowed {
 		out.shadowRefused = x.nEnforce + d.Limiting
+	} else {
+		for i := x.nEnforce; i < len(x.charged); i++ {
+			x.charged[i] = true
+		}
 	}
 	return out, nil
 }
@@ -299,9 +335,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 	}
 	h.identify(r, x)
+	if h.hasTokenLimits {
+		x.est = h.tokens.estimator(x.req.Model)
+		x.promptEst, x.completionEst = x.est.Prompt(&x.req), x.est.Completion(&x.req)
+	}
 	x.match(h.rules)
 	if len(x.charges) == 0 {
 		return next.ServeHTTP(w, r)
+	}
+	if x.tokenCharges > 0 && h.tokens.rejectOversize {
+		if i := x.oversize(); i >= 0 {
+			a := x.applied[i]
+			return h.refuse(w, dialect, http.StatusRequestEntityTooLarge, tokens.ErrTooLarge, "tokens",
+				fmt.Sprintf("request too large: it needs about %d tokens, and rule %q allows at most %d at once (%d %s)",
+					x.charges[i].Cost, a.rule.id, a.limit.limit.Capacity(), a.limit.limit.Count, a.limit.unit))
+		}
 	}
 
 	now := h.now()
@@ -322,7 +370,44 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if !out.Allowed {
 		return h.tooMany(w, dialect, x, out.Decision)
 	}
-	return next.ServeHTTP(&headerGuard{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w}}, r)
+	guard := &headerGuard{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w}}
+	if x.tokenCharges == 0 {
+		return next.ServeHTTP(guard, r)
+	}
+	// Token limits: watch the response for its usage, and settle.
+	if h.tokens.streamUsage && x.req.Stream && !x.req.HasStreamOptions &&
+		(dialect == tokens.DialectOpenAI || dialect == tokens.DialectAzure) &&
+		(endpoint == tokens.EndpointChat || endpoint == tokens.EndpointCompletion) {
+		h.replaceBody(r, x, addIncludeUsage(x.body))
+	}
+	// An upstream's usage can only be read from an uncompressed response.
+	// Caddy's encode directive can still compress toward the client.
+	r.Header.Del("Accept-Encoding")
+	watch := watcherPool.Get().(*usageWatcher)
+	watch.status, watch.off = 0, false
+	guard.watch, guard.dialect, guard.endpoint = watch, dialect, endpoint
+	// Settle however the response ends. When the client goes away in the
+	// middle of a stream, reverse_proxy panics with http.ErrAbortHandler:
+	// settle then, as a response cut short, and let the panic go on.
+	completed := false
+	defer func() {
+		h.settle(x, watch, guard.wroteHeader, err, !completed)
+		watcherPool.Put(watch)
+	}()
+	err = next.ServeHTTP(guard, r)
+	completed = err == nil
+	return err
+}
+
+// oversize returns the index of a token charge larger than its bucket's
+// whole capacity, or -1.
+func (x *exchange) oversize() int {
+	for i, a := range x.applied {
+		if a.limit.quantity == quantityTokens && x.charges[i].Cost > a.limit.limit.Capacity() {
+			return i
+		}
+	}
+	return -1
 }
 
 // readBody reads a recognised request's body, up to MaxBody, into x.body and
@@ -361,15 +446,19 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, d tokens.Dial
 	if n > h.MaxBody {
 		return tooLarge()
 	}
-	body := buf.Bytes()
+	h.replaceBody(r, x, buf.Bytes())
+	return false, nil
+}
+
+// replaceBody makes body the request's body, replayable.
+func (h *Handler) replaceBody(r *http.Request, x *exchange, body []byte) {
 	x.body = body
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
-	r.ContentLength = n
+	r.ContentLength = int64(len(body))
 	// The body is now known in full: send it with a Content-Length even if
 	// it arrived chunked. The bytes themselves are unchanged.
 	r.TransferEncoding = nil
-	return false, nil
 }
 
 // identify resolves who is asking and about what.

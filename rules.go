@@ -136,6 +136,13 @@ type modelPattern struct {
 	prefix bool
 }
 
+func (m modelPattern) matches(model string) bool {
+	if m.prefix {
+		return strings.HasPrefix(model, m.name)
+	}
+	return model == m.name
+}
+
 // compiledLimit is a Limit ready for the hot path.
 type compiledLimit struct {
 	unit     string
@@ -349,7 +356,7 @@ func (cr *compiledRule) matches(id *identity) bool {
 	if len(cr.models) > 0 {
 		ok := false
 		for _, m := range cr.models {
-			if m.prefix && strings.HasPrefix(id.model, m.name) || !m.prefix && id.model == m.name {
+			if m.matches(id.model) {
 				ok = true
 				break
 			}

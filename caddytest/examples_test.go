@@ -3,6 +3,8 @@ package caddytest
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -196,10 +198,11 @@ func wantBurst(t *testing.T, what string, rs []response, elapsed time.Duration, 
 }
 
 // loadSeedExample loads an example that listens on :8080 and proxies to
-// {$LLM_UPSTREAM}, with LLM_UPSTREAM set to a fake upstream.
-func loadSeedExample(t *testing.T, name string) (*harness, *fakellm.Server) {
+// {$LLM_UPSTREAM}, with LLM_UPSTREAM set to a fake upstream configured by
+// cfg.
+func loadSeedExample(t *testing.T, name string, cfg fakellm.Config) (*harness, *fakellm.Server) {
 	t.Helper()
-	up := startFake(t, fakellm.Config{})
+	up := startFake(t, cfg)
 	t.Setenv("LLM_UPSTREAM", hostPort(up))
 	h := newHarness(t)
 	src := readExample(t, name)
@@ -215,22 +218,87 @@ func loadSeedExample(t *testing.T, name string) (*harness, *fakellm.Server) {
 	return h, up
 }
 
+// refilled is the range of r= a bucket can show after a charge of cost,
+// when it already held level units charged at most elapsed ago and refills
+// perSecond: r = capacity − cost − ⌈what is left of level⌉, so from
+// capacity − cost − level (nothing refilled) up by ⌊elapsed × perSecond⌋,
+// and never above capacity − cost. elapsed must run from before the first
+// of those charges to after the response read.
+func refilled(capacity, cost, level int64, elapsed time.Duration, perSecond float64) [2]int64 {
+	lo := capacity - cost - level
+	return [2]int64{lo, min(capacity-cost, lo+int64(math.Floor(elapsed.Seconds()*perSecond)))}
+}
+
+// exactly is the range of a single value.
+func exactly(n int64) [2]int64 { return [2]int64{n, n} }
+
+// wantRemainingWithin checks the r= of each named policy against its
+// range, and that no other policy is listed.
+func wantRemainingWithin(t *testing.T, what string, r response, want map[string][2]int64) {
+	t.Helper()
+	st := parseState(t, r.header)
+	pol, _ := parsePolicy(t, r.header)
+	if len(st) != len(want) || len(pol) != len(want) {
+		t.Fatalf("%s: RateLimit %q, RateLimit-Policy %q: want exactly the policies %v",
+			what, r.header.Get("RateLimit"), r.header.Get("RateLimit-Policy"), want)
+	}
+	for name, rng := range want {
+		s, ok := st[name]
+		if _, okp := pol[name]; !ok || !okp {
+			t.Fatalf("%s: RateLimit %q or RateLimit-Policy %q lacks %q", what, r.header.Get("RateLimit"), r.header.Get("RateLimit-Policy"), name)
+		}
+		if s.r < rng[0] || s.r > rng[1] {
+			if rng[0] == rng[1] {
+				t.Errorf("%s: %s r=%d, want %d (RateLimit %q)", what, name, s.r, rng[0], r.header.Get("RateLimit"))
+			} else {
+				t.Errorf("%s: %s r=%d, want %d..%d (RateLimit %q)", what, name, s.r, rng[0], rng[1], r.header.Get("RateLimit"))
+			}
+		}
+	}
+}
+
+// wantPolicies checks RateLimit-Policy: exactly these policies.
+func wantPolicies(t *testing.T, what string, r response, want map[string]policyItem) {
+	t.Helper()
+	pol, _ := parsePolicy(t, r.header)
+	if !maps.Equal(pol, want) {
+		t.Errorf("%s: RateLimit-Policy %q, want %v", what, r.header.Get("RateLimit-Policy"), want)
+	}
+}
+
+// chatEstimate is what chatBody charges a token limit at admission: its
+// prompt, "hi", estimates 1 token, and since it names no max_tokens the
+// completion estimate is the default 1024.
+const chatEstimate = 1 + 1024
+
 func TestExampleSeed000PerModel(t *testing.T) {
-	h, up := loadSeedExample(t, "seed000-per-model.Caddyfile")
+	// The upstream reports 20 prompt and 30 completion tokens.
+	h, up := loadSeedExample(t, "seed000-per-model.Caddyfile", fakellm.Config{PromptTokens: 20, CompletionTokens: 30})
 
 	// gpt-4o: rpm 120 burst 4, so a burst of 8 gets 4 through (refilling
 	// at 2 per second).
 	rs, elapsed := concurrently(8, func() response { return h.chat("gpt-4o") })
 	wantBurst(t, "gpt-4o", rs, elapsed, 4, 2, "model:gpt-4o", "requests_per_minute")
 
-	// gpt-4: its rpm applies; its tpm is not charged yet, so it has no
-	// policy in the headers.
+	// gpt-4: its rpm and its tpm both apply. The tpm bucket is charged the
+	// estimate at admission.
+	const rpm, tpm = "model:gpt-4/requests_per_minute", "model:gpt-4/tokens_per_minute"
+	start := time.Now()
 	r := h.chat("gpt-4")
 	wantStatus(t, "gpt-4", r, 200)
-	wantRemaining(t, "gpt-4", r, map[string]int64{"model:gpt-4/requests_per_minute": 49})
-	if pol, _ := parsePolicy(t, r.header); pol["model:gpt-4/requests_per_minute"] != (policyItem{50, 60}) {
-		t.Errorf("gpt-4 policy %+v", pol)
-	}
+	wantRemaining(t, "gpt-4", r, map[string]int64{rpm: 49, tpm: 10000 - chatEstimate})
+	wantPolicies(t, "gpt-4", r, map[string]policyItem{rpm: {50, 60}, tpm: {10000, 60}})
+	// It was settled on the 50 tokens the upstream reported before the
+	// next request, which is charged its own estimate. The tpm bucket
+	// refills a token every 6 ms meanwhile, the rpm bucket one request
+	// every 1.2 s.
+	r = h.chat("gpt-4")
+	elapsed = time.Since(start)
+	wantStatus(t, "gpt-4 again", r, 200)
+	wantRemainingWithin(t, "gpt-4 again", r, map[string][2]int64{
+		rpm: refilled(50, 1, 1, elapsed, 50.0/60),
+		tpm: refilled(10000, chatEstimate, 50, elapsed, 10000.0/60),
+	})
 
 	// llama3*: one bucket per variant.
 	sent := map[string]int64{}
@@ -244,62 +312,124 @@ func TestExampleSeed000PerModel(t *testing.T) {
 	wantStatus(t, "other model", r, 200)
 	wantNoRateLimitHeaders(t, "other model", r)
 
-	if total, _ := up.Counts(); total < 4+1+4+1 {
+	if total, _ := up.Counts(); total < 4+2+4+1 {
 		t.Errorf("upstream saw %d requests", total)
 	}
 }
 
 func TestExampleSeed003Rules(t *testing.T) {
-	h, up := loadSeedExample(t, "seed003-rules.Caddyfile")
-	prod := []string{
-		"X-User", "alice", "X-Team", "backend", "Authorization", "Bearer virtualaccount1",
-		"X-LLM-Metadata", `{"project_id":"p-42","environment":"production"}`,
-	}
-	const p = "production-requests/requests_per_minute"
-
-	// production-requests: 600 per minute, burst 20, per user and model.
-	// Only it has a request limit; the token rules are not charged yet and
-	// so are not in the headers.
-	rs, elapsed := concurrently(30, func() response { return h.chat("gpt-4", prod...) })
-	wantBurst(t, "alice gpt-4", rs, elapsed, 20, 10, "production-requests", "requests_per_minute")
-	for _, r := range rs {
-		if r.status == 200 {
-			pol, _ := parsePolicy(t, r.header)
-			if len(pol) != 1 || pol[p] != (policyItem{600, 60}) {
-				t.Errorf("policy %q, want only %s;q=600;w=60", r.header.Get("RateLimit-Policy"), p)
-			}
-			break
+	// The upstream reports 1 prompt and 1 completion token per request.
+	h, up := loadSeedExample(t, "seed003-rules.Caddyfile", fakellm.Config{PromptTokens: 1, CompletionTokens: 1})
+	prodAs := func(user string) []string {
+		return []string{
+			"X-User", user, "X-Team", "backend", "Authorization", "Bearer virtualaccount1",
+			"X-LLM-Metadata", `{"project_id":"p-42","environment":"production"}`,
 		}
 	}
+	prod := prodAs("alice")
+	const (
+		p            = "production-requests/requests_per_minute"
+		backend      = "backend-gpt4-tokens/tokens_per_minute"
+		va1          = "va1-gpt4-tokens/tokens_per_minute"
+		perModel     = "per-model-daily/tokens_per_day"
+		perUser      = "per-user-daily/tokens_per_day"
+		perUserModel = "per-user-model-daily/tokens_per_day"
+		project      = "per-project-hourly/tokens_per_hour"
+		bobDaily     = "bob-gpt4-daily/requests_per_day"
+		// The buckets' refill rates, per second.
+		tpm20k   = 20000.0 / 60
+		tpd1m    = 1000000.0 / 86400
+		tph50k   = 50000.0 / 3600
+		realUsed = 2 // what the upstream reports for every request
+	)
+	// Every rule applies to a production gpt-4 request but bob's.
+	gpt4Policies := map[string]policyItem{
+		backend: {20000, 60}, va1: {20000, 60}, perModel: {1000000, 86400}, perUser: {1000000, 86400},
+		perUserModel: {1000000, 86400}, project: {50000, 3600}, p: {600, 60},
+	}
+
+	// dave, in team backend with virtualaccount1 on project p-42, comes
+	// first: every bucket is fresh, and charged the estimate.
+	start := time.Now()
+	r := h.chat("gpt-4", prodAs("dave")...)
+	wantStatus(t, "dave gpt-4", r, 200)
+	wantPolicies(t, "dave gpt-4", r, gpt4Policies)
+	wantRemaining(t, "dave gpt-4", r, map[string]int64{
+		backend: 20000 - chatEstimate, va1: 20000 - chatEstimate, perModel: 1000000 - chatEstimate,
+		perUser: 1000000 - chatEstimate, perUserModel: 1000000 - chatEstimate, project: 50000 - chatEstimate, p: 19,
+	})
+
+	// production-requests: 600 per minute, burst 20, per user and model.
+	// The burst's requests ask for 1 token at most: their estimate, 2, is
+	// what the upstream reports, so the token buckets (20000 and more)
+	// neither refuse them nor change when they settle, and the request rule
+	// alone limits the burst.
+	burst := `{"max_tokens":1,"messages":[{"content":"hi","role":"user"}],"model":"gpt-4"}`
+	rs, elapsed := concurrently(30, func() response { return h.post("/v1/chat/completions", burst, prod...) })
+	wantBurst(t, "alice gpt-4", rs, elapsed, 20, 10, "production-requests", "requests_per_minute")
+	burstOK := int64(0)
 	for _, r := range rs {
+		if r.status == 200 {
+			if burstOK == 0 {
+				wantPolicies(t, "alice gpt-4", r, gpt4Policies)
+			}
+			burstOK++
+		}
 		if r.status == 429 && !strings.Contains(string(r.body), "per user, model") {
 			t.Errorf("429 %s does not say per user, model", r.body)
 		}
 	}
-	// Another model and another user each have their own bucket.
-	r := h.chat("gpt-4o", prod...)
-	wantStatus(t, "alice gpt-4o", r, 200)
-	wantRemaining(t, "alice gpt-4o", r, map[string]int64{p: 19})
-	// bob@email.com on gpt-4 also meets bob-gpt4-daily.
-	bob := slices.Clone(prod)
-	bob[1] = "bob@email.com"
-	r = h.chat("gpt-4", bob...)
-	wantStatus(t, "bob gpt-4", r, 200)
-	wantRemaining(t, "bob gpt-4", r, map[string]int64{p: 19, "bob-gpt4-daily/requests_per_day": 999})
+	burstUsed := realUsed * burstOK
 
-	// Outside production no request limit applies at all.
+	// Another model has its own buckets, per model and per user and model;
+	// alice's own and project p-42's are shared with the burst (and dave),
+	// and refill meanwhile.
+	r = h.chat("gpt-4o", prod...)
+	wantStatus(t, "alice gpt-4o", r, 200)
+	e := time.Since(start)
+	wantRemainingWithin(t, "alice gpt-4o", r, map[string][2]int64{
+		perModel:     exactly(1000000 - chatEstimate),
+		perUser:      refilled(1000000, chatEstimate, burstUsed, e, tpd1m),
+		perUserModel: exactly(1000000 - chatEstimate),
+		project:      refilled(50000, chatEstimate, realUsed+burstUsed, e, tph50k),
+		p:            exactly(19),
+	})
+	// bob@email.com on gpt-4 also meets bob-gpt4-daily, and shares team
+	// backend's, virtualaccount1's, gpt-4's and p-42's buckets. Every
+	// earlier request was settled at 2 tokens.
+	r = h.chat("gpt-4", prodAs("bob@email.com")...)
+	wantStatus(t, "bob gpt-4", r, 200)
+	e = time.Since(start)
+	wantRemainingWithin(t, "bob gpt-4", r, map[string][2]int64{
+		bobDaily:     exactly(999),
+		backend:      refilled(20000, chatEstimate, realUsed+burstUsed, e, tpm20k),
+		va1:          refilled(20000, chatEstimate, realUsed+burstUsed, e, tpm20k),
+		perModel:     refilled(1000000, chatEstimate, realUsed+burstUsed, e, tpd1m),
+		perUser:      exactly(1000000 - chatEstimate),
+		perUserModel: exactly(1000000 - chatEstimate),
+		project:      refilled(50000, chatEstimate, 2*realUsed+burstUsed, e, tph50k),
+		p:            exactly(19),
+	})
+
+	// Outside production no request limit applies; the token rules that
+	// name no team or account still do, and a request without a
+	// project_id shares the empty project's bucket.
 	r = h.chat("gpt-4", "X-User", "alice", "X-LLM-Metadata", `{"environment":"staging"}`)
 	wantStatus(t, "staging", r, 200)
-	wantNoRateLimitHeaders(t, "staging", r)
+	e = time.Since(start)
+	wantPolicies(t, "staging", r, map[string]policyItem{
+		perModel: {1000000, 86400}, perUser: {1000000, 86400}, perUserModel: {1000000, 86400}, project: {50000, 3600},
+	})
+	wantRemainingWithin(t, "staging", r, map[string][2]int64{
+		perModel:     refilled(1000000, chatEstimate, 2*realUsed+burstUsed, e, tpd1m),
+		perUser:      refilled(1000000, chatEstimate, realUsed+burstUsed, e, tpd1m),
+		perUserModel: refilled(1000000, chatEstimate, burstUsed, e, tpd1m),
+		project:      exactly(50000 - chatEstimate),
+	})
 
 	// The key the virtual account was hashed from reaches the upstream
 	// unchanged, on every admitted request that carried it.
-	admitted := 2 // alice gpt-4o, bob gpt-4
-	for _, r := range rs {
-		if r.status == 200 {
-			admitted++
-		}
-	}
+	admitted := int(burstOK) + 3 // dave, alice gpt-4o, bob gpt-4
 	withKey := 0
 	for _, rec := range up.Requests() {
 		if rec.Header.Get("Authorization") == "Bearer virtualaccount1" {

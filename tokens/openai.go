@@ -79,6 +79,15 @@ func (p *Parser) parseOpenAI(ep Endpoint, root *fastjson.Value, useBodyModel boo
 			input = v
 		case "instructions":
 			instructions = v
+		case "stream_options":
+			// Only its presence matters, for the stream_usage option: a
+			// client that sent stream_options made its own choice.
+			req.HasStreamOptions = v.Type() != fastjson.TypeNull
+			if o, _ := v.Object(); o != nil {
+				if iu := o.Get("include_usage"); iu != nil && iu.Type() == fastjson.TypeTrue {
+					req.IncludeUsage = true
+				}
+			}
 		}
 	})
 	if err != nil {

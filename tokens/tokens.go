@@ -133,6 +133,10 @@ type Request struct {
 	// Katakana or Hangul, which tokenise at roughly one token per rune
 	// rather than four runes per token.
 	PromptCJK int64
+	// HasStreamOptions reports an OpenAI-style stream_options object, and
+	// IncludeUsage its include_usage: true, which makes the final chunk of
+	// a stream carry the usage.
+	HasStreamOptions, IncludeUsage bool
 }
 
 // ParseError is returned by Parse when a body cannot be accepted. Msg is

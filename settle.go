@@ -1,0 +1,281 @@
+package llmratelimit
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/llmratelimit/caddy-llm-ratelimit/tokens"
+)
+
+// TokenConfig configures token accounting: how a request's tokens are
+// estimated when it is admitted, and what happens to a request larger than a
+// token bucket.
+//
+// Token limits charge the estimate (prompt + completion) at admission, on
+// every token bucket the request matches, atomically with the request
+// buckets. When the response ends, the difference between the real usage
+// the upstream reported and the estimate is settled on each of those
+// buckets, before the handler returns, so the next request sees the truth.
+//
+// Cached tokens: prompt tokens served from a provider's cache (OpenAI
+// cached_tokens, Anthropic cache_read/cache_creation_input_tokens, Gemini
+// cachedContentTokenCount) count in full. The model reads them, and a limit
+// that protects an upstream or a budget should see them; providers that
+// discount them do so in price, not in what their own limits count for most
+// models.
+type TokenConfig struct {
+	// CharsPerToken is how many characters of non-CJK prompt text the
+	// estimate counts as one token. CJK text counts one token per
+	// character. Default: 4.
+	CharsPerToken float64 `json:"chars_per_token,omitempty"`
+
+	// CompletionTokens is the completion estimate for a request that names
+	// no max_tokens (or its dialect's equivalent). Default: 1024.
+	CompletionTokens int64 `json:"completion_tokens,omitempty"`
+
+	// Oversize decides what happens to a request whose estimate is larger
+	// than a token bucket's whole capacity: "admit" (the default) admits it
+	// once the bucket is full and leaves the bucket in debt, so that it is
+	// not refused forever; "reject" answers 413 at once, naming the rule.
+	Oversize string `json:"oversize,omitempty"`
+
+	// StreamUsage, for OpenAI and Azure chat and completion streams whose
+	// request has no stream_options, adds "stream_options":
+	// {"include_usage": true} to the request body, so that the stream's
+	// last chunk reports the real usage. This is the one case where the
+	// module changes a request body; the client then receives one more
+	// chunk, with empty choices. Default: false, and such a stream is
+	// settled by counting the text it carried.
+	StreamUsage bool `json:"stream_usage,omitempty"`
+
+	// Models tune the estimate per model. The first entry whose Match
+	// matches the request's model applies.
+	Models []ModelTokenConfig `json:"models,omitempty"`
+}
+
+// ModelTokenConfig tunes the token estimate for some models.
+type ModelTokenConfig struct {
+	// Match is a model name; a trailing "*" makes it a prefix.
+	Match string `json:"match"`
+	// CharsPerToken overrides TokenConfig.CharsPerToken. Default: inherit.
+	CharsPerToken float64 `json:"chars_per_token,omitempty"`
+	// CompletionTokens overrides TokenConfig.CompletionTokens. Default:
+	// inherit.
+	CompletionTokens int64 `json:"completion_tokens,omitempty"`
+}
+
+// tokenSettings is TokenConfig ready for use.
+type tokenSettings struct {
+	base           tokens.Estimator
+	models         []modelEstimator
+	rejectOversize bool
+	streamUsage    bool
+}
+
+type modelEstimator struct {
+	pattern modelPattern
+	est     tokens.Estimator
+}
+
+func (c *TokenConfig) compile() (tokenSettings, error) {
+	var ts tokenSettings
+	if c == nil {
+		return ts, nil
+	}
+	if !(c.CharsPerToken >= 0 && c.CharsPerToken <= 100) {
+		return ts, fmt.Errorf("tokens: chars_per_token %g: want a number between 0 and 100", c.CharsPerToken)
+	}
+	if c.CompletionTokens < 0 {
+		return ts, fmt.Errorf("tokens: completion_tokens %d: must not be negative", c.CompletionTokens)
+	}
+	switch c.Oversize {
+	case "", "admit":
+	case "reject":
+		ts.rejectOversize = true
+	default:
+		return ts, fmt.Errorf("tokens: oversize %q: want admit or reject", c.Oversize)
+	}
+	ts.streamUsage = c.StreamUsage
+	ts.base = tokens.Estimator{CharsPerToken: c.CharsPerToken, CompletionTokens: c.CompletionTokens}
+	for _, m := range c.Models {
+		if m.Match == "" {
+			return ts, fmt.Errorf("tokens: model entry without a match")
+		}
+		if !(m.CharsPerToken >= 0 && m.CharsPerToken <= 100) || m.CompletionTokens < 0 {
+			return ts, fmt.Errorf("tokens: model %q: chars_per_token must be between 0 and 100 and completion_tokens not negative", m.Match)
+		}
+		est := ts.base
+		if m.CharsPerToken > 0 {
+			est.CharsPerToken = m.CharsPerToken
+		}
+		if m.CompletionTokens > 0 {
+			est.CompletionTokens = m.CompletionTokens
+		}
+		p := modelPattern{name: m.Match}
+		if name, ok := strings.CutSuffix(m.Match, "*"); ok {
+			p = modelPattern{name: name, prefix: true}
+		}
+		ts.models = append(ts.models, modelEstimator{pattern: p, est: est})
+	}
+	return ts, nil
+}
+
+// estimator returns the estimator for a model.
+func (ts *tokenSettings) estimator(model string) tokens.Estimator {
+	for i := range ts.models {
+		if ts.models[i].pattern.matches(model) {
+			return ts.models[i].est
+		}
+	}
+	return ts.base
+}
+
+// addIncludeUsage returns body with "stream_options":{"include_usage":true}
+// added as the first member of its top-level object. The body has been
+// parsed as a JSON object without stream_options, so its first
+// non-space byte is '{'.
+func addIncludeUsage(body []byte) []byte {
+	i := 0
+	for i < len(body) && body[i] != '{' {
+		i++
+	}
+	if i == len(body) {
+		return body
+	}
+	const member = `"stream_options":{"include_usage":true}`
+	out := make([]byte, 0, len(body)+len(member)+1)
+	out = append(out, body[:i+1]...)
+	out = append(out, member...)
+	rest := body[i+1:]
+	j := 0
+	for j < len(rest) && (rest[j] == ' ' || rest[j] == '\t' || rest[j] == '\n' || rest[j] == '\r') {
+		j++
+	}
+	if j < len(rest) && rest[j] != '}' {
+		out = append(out, ',')
+	}
+	return append(out, rest...)
+}
+
+// usageWatcher feeds a copy of the response body, as it is written to the
+// client, to a usage scanner. It never delays or changes a byte.
+type usageWatcher struct {
+	scanner tokens.UsageScanner
+	status  int
+	// off is set when the response cannot be read (compressed).
+	off bool
+}
+
+var watcherPool = sync.Pool{New: func() any { return new(usageWatcher) }}
+
+func (u *usageWatcher) start(d tokens.Dialect, ep tokens.Endpoint, h http.Header, status int) {
+	u.status = status
+	enc := h.Get("Content-Encoding")
+	u.off = enc != "" && !strings.EqualFold(enc, "identity")
+	u.scanner.Reset(d, ep, h.Get("Content-Type"))
+}
+
+// settle corrects the token charges of an admitted request by the real
+// usage, and reports the estimate's error. wrote says whether a response
+// began; cut, that it did not end normally (the client went away, or the
+// upstream failed mid-response).
+func (h *Handler) settle(x *exchange, u *usageWatcher, wrote bool, nextErr error, cut bool) {
+	if x.tokenCharges == 0 {
+		return
+	}
+	estimate := x.promptEst + x.completionEst
+	real := estimate
+	reported := false
+	switch {
+	case !wrote || u.status >= 400:
+		// The upstream did not answer, or refused: nothing was generated.
+		real = x.promptEst
+	case u.off:
+		// A compressed response cannot be read; the estimate stands.
+	default:
+		use := u.scanner.Usage()
+		text := x.est.Text(use.StreamedChars, use.StreamedCJK)
+		switch {
+		case cut:
+			// A response cut short: what was streamed, never less than
+			// the prompt. Usage read so far may be partial: Anthropic's
+			// message_start has a placeholder output, Gemini's chunks a
+			// running count. Take the larger of it and the text seen.
+			real = max(use.InputTokens, x.promptEst) + max(use.OutputTokens, text)
+		case use.Reported:
+			real, reported = use.InputTokens+use.OutputTokens, true
+		case x.req.Stream:
+			// A stream without usage: the prompt estimate plus the text
+			// it carried.
+			real = x.promptEst + text
+		}
+	}
+	if reported && estimate > 0 {
+		h.metrics.observeEstimate(x.req.Dialect, float64(real)/float64(estimate))
+	}
+	delta := real - estimate
+	if delta == 0 {
+		return
+	}
+	adj := x.adjust[:0]
+	for i, a := range x.applied {
+		if a.limit.quantity == quantityTokens && x.charged[i] {
+			c := x.charges[i]
+			c.Cost = delta
+			adj = append(adj, c)
+		}
+	}
+	x.adjust = adj
+	if len(adj) == 0 {
+		return
+	}
+	// The request's own context may be cancelled (the client left); the
+	// correction must still be made.
+	if err := h.state.store.Adjust(context.Background(), h.now(), adj); err != nil {
+		h.logger.Error("settling token usage", zap.Error(err))
+	}
+}
+
+// metrics are the module's Prometheus collectors, registered on the Caddy
+// configuration's registry.
+type metrics struct {
+	estimateRatio *prometheus.HistogramVec
+}
+
+func newMetrics(reg *prometheus.Registry) (*metrics, error) {
+	m := &metrics{
+		estimateRatio: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "caddy",
+			Subsystem: "llm_rate_limit",
+			Name:      "token_estimate_ratio",
+			Help:      "Real token usage divided by the admission estimate, per settled request that reported usage.",
+			Buckets:   []float64{0.1, 0.25, 0.5, 0.75, 0.9, 1, 1.1, 1.25, 1.5, 2, 3, 4, 8},
+		}, []string{"dialect"}),
+	}
+	if reg == nil {
+		return m, nil
+	}
+	if err := reg.Register(m.estimateRatio); err != nil {
+		// Several handlers in one configuration share the collector.
+		var are prometheus.AlreadyRegisteredError
+		if !errors.As(err, &are) {
+			return nil, err
+		}
+		m.estimateRatio = are.ExistingCollector.(*prometheus.HistogramVec)
+	}
+	return m, nil
+}
+
+func (m *metrics) observeEstimate(d tokens.Dialect, ratio float64) {
+	if m == nil {
+		return
+	}
+	m.estimateRatio.WithLabelValues(d.String()).Observe(ratio)
+}
