@@ -67,12 +67,14 @@ func setRateLimitHeaders(h http.Header, now time.Time, x *exchange) {
 			tightest = i
 		}
 	}
-	h.Set(headerPolicy, string(policy))
-	h.Set(headerRateLimit, string(state))
+	// Canonical keys, assigned directly: Header.Set would canonicalize
+	// every name on every request.
 	st, l := x.states[tightest], x.applied[tightest].limit
-	h.Set(headerLimit, strconv.FormatInt(l.limit.Count, 10))
-	h.Set(headerRemaining, strconv.FormatInt(st.Remaining, 10))
-	h.Set(headerReset, strconv.FormatInt(now.Add(st.ResetAfter+time.Second-1).Unix(), 10))
+	h[ourHeaders[0]] = []string{string(policy)}
+	h[ourHeaders[1]] = []string{string(state)}
+	h[ourHeaders[2]] = []string{strconv.FormatInt(l.limit.Count, 10)}
+	h[ourHeaders[3]] = []string{strconv.FormatInt(st.Remaining, 10)}
+	h[ourHeaders[4]] = []string{strconv.FormatInt(now.Add(st.ResetAfter+time.Second-1).Unix(), 10)}
 }
 
 // ceilSeconds rounds a duration up to whole seconds.

@@ -3,11 +3,46 @@ package llmratelimit
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"net/http"
 	"strings"
-	"sync"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/valyala/fastjson"
 )
+
+// placeholder is a user, team or account option. The common form, a single
+// request header placeholder, is read straight from the header; anything
+// else goes through Caddy's replacer.
+type placeholder struct {
+	raw    string
+	header string // set when raw is exactly {http.request.header.NAME}
+}
+
+func newPlaceholder(raw string) placeholder {
+	p := placeholder{raw: raw}
+	if name, ok := strings.CutPrefix(raw, "{http.request.header."); ok {
+		if name, ok = strings.CutSuffix(name, "}"); ok && name != "" && !strings.ContainsAny(name, "{}") {
+			p.header = name
+		}
+	}
+	return p
+}
+
+func (p placeholder) value(r *http.Request, repl *caddy.Replacer) string {
+	if p.header != "" {
+		// Caddy joins repeated header fields with commas; so does this.
+		if v := r.Header.Values(p.header); len(v) > 1 {
+			return strings.Join(v, ",")
+		} else if len(v) == 1 {
+			return v[0]
+		}
+		return ""
+	}
+	if repl == nil {
+		return ""
+	}
+	return repl.ReplaceAll(p.raw, "")
+}
 
 // identity is who is asking and about what: the values rules match on and
 // split by.
@@ -131,6 +166,3 @@ func parseMetadata(dst []metaPair, header string) ([]metaPair, string) {
 	})
 	return dst, ""
 }
-
-// identityPool recycles identities' metadata slices.
-var identityPool = sync.Pool{New: func() any { return new(identity) }}

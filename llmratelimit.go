@@ -93,6 +93,8 @@ type Handler struct {
 	// headers and Retry-After are set either way. Default: false.
 	UseHandleErrors bool `json:"use_handle_errors,omitempty"`
 
+	user, team     placeholder
+	account        placeholder
 	rules          []compiledRule
 	prefixes       []string
 	hasTokenLimits bool
@@ -127,6 +129,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxBody == 0 {
 		h.MaxBody = DefaultMaxBody
 	}
+	h.user, h.team, h.account = newPlaceholder(h.User), newPlaceholder(h.Team), newPlaceholder(h.VirtualAccount)
 	rules, err := compileRules(h.Zone, h.Rules)
 	if err != nil {
 		return err
@@ -178,7 +181,6 @@ type exchange struct {
 	id      identity
 	req     tokens.Request
 	keys    []byte
-	offsets []int
 	applied []applied
 	charges []bucket.Charge
 	states  []bucket.State
@@ -214,7 +216,7 @@ func getExchange() *exchange {
 	x := exchangePool.Get().(*exchange)
 	x.id.reset()
 	x.req = tokens.Request{}
-	x.keys, x.offsets = x.keys[:0], x.offsets[:0]
+	x.keys = x.keys[:0]
 	x.applied, x.charges, x.states = x.applied[:0], x.charges[:0], x.states[:0]
 	x.charged, x.adjust = x.charged[:0], x.adjust[:0]
 	x.nEnforce, x.tokenCharges = 0, 0
@@ -241,29 +243,25 @@ func (x *exchange) match(rules []compiledRule) {
 			}
 			for j := range r.limits {
 				l := &r.limits[j]
-				x.offsets = append(x.offsets, len(x.keys))
+				// A key is sliced out of x.keys as soon as it is built. If a
+				// later append moves x.keys, earlier keys keep pointing at
+				// the old array, whose bytes never change again.
+				start := len(x.keys)
 				x.keys = r.appendKey(x.keys, l, &x.id)
+				cost := int64(1)
+				if l.quantity == quantityTokens {
+					cost = x.promptEst + x.completionEst
+					x.tokenCharges++
+				}
 				x.applied = append(x.applied, applied{rule: r, limit: l})
+				x.charges = append(x.charges, bucket.Charge{Key: x.keys[start:len(x.keys):len(x.keys)], Limit: l.limit, Cost: cost})
+				x.states = append(x.states, bucket.State{})
+				x.charged = append(x.charged, false)
 			}
 		}
 		if !shadow {
 			x.nEnforce = len(x.applied)
 		}
-	}
-	// The keys buffer has stopped growing: slice it into the charges.
-	for i, a := range x.applied {
-		end := len(x.keys)
-		if i+1 < len(x.offsets) {
-			end = x.offsets[i+1]
-		}
-		cost := int64(1)
-		if a.limit.quantity == quantityTokens {
-			cost = x.promptEst + x.completionEst
-			x.tokenCharges++
-		}
-		x.charges = append(x.charges, bucket.Charge{Key: x.keys[x.offsets[i]:end], Limit: a.limit.limit, Cost: cost})
-		x.states = append(x.states, bucket.State{})
-		x.charged = append(x.charged, false)
 	}
 }
 
@@ -426,13 +424,8 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, d tokens.Dial
 	if r.ContentLength > h.MaxBody {
 		return tooLarge()
 	}
-	var buf bytes.Buffer
-	if r.ContentLength > 0 {
-		// Exactly one allocation when the length is announced (+1 so that
-		// ReadFrom sees EOF without growing).
-		buf.Grow(int(r.ContentLength) + 1)
-	}
-	n, err := buf.ReadFrom(io.LimitReader(r.Body, h.MaxBody+1))
+	body, err := readAll(r.Body, r.ContentLength, h.MaxBody+1)
+	n := int64(len(body))
 	if err != nil {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
@@ -446,8 +439,35 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, d tokens.Dial
 	if n > h.MaxBody {
 		return tooLarge()
 	}
-	h.replaceBody(r, x, buf.Bytes())
+	h.replaceBody(r, x, body)
 	return false, nil
+}
+
+// readAll reads at most limit bytes of body. When the length is announced
+// it reads into one buffer of exactly that size; bytes.Buffer would double
+// its buffer to make room for a read that finds only EOF.
+func readAll(body io.Reader, length, limit int64) ([]byte, error) {
+	if length < 0 || length >= limit {
+		var buf bytes.Buffer
+		_, err := buf.ReadFrom(io.LimitReader(body, limit))
+		return buf.Bytes(), err
+	}
+	buf := make([]byte, length, length+1)
+	if _, err := io.ReadFull(body, buf); err != nil {
+		if err == io.ErrUnexpectedEOF {
+			err = errors.New("request body shorter than its Content-Length")
+		}
+		return buf, err
+	}
+	// The server enforces Content-Length, so this finds EOF; a body that
+	// somehow goes on is read on, up to the limit.
+	var one [1]byte
+	if n, _ := body.Read(one[:]); n == 0 {
+		return buf, nil
+	}
+	rest := bytes.NewBuffer(append(buf, one[0]))
+	_, err := rest.ReadFrom(io.LimitReader(body, limit-length-1))
+	return rest.Bytes(), err
 }
 
 // replaceBody makes body the request's body, replayable.
@@ -468,16 +488,14 @@ func (h *Handler) identify(r *http.Request, x *exchange) {
 		return
 	}
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-	if repl != nil {
-		if h.User != "" {
-			x.id.user = boundedValue(repl.ReplaceAll(h.User, ""))
-		}
-		if h.Team != "" {
-			x.id.team = boundedValue(repl.ReplaceAll(h.Team, ""))
-		}
-		if h.VirtualAccount != "" {
-			x.id.account = hashAccount(repl.ReplaceAll(h.VirtualAccount, ""))
-		}
+	if h.User != "" {
+		x.id.user = boundedValue(h.user.value(r, repl))
+	}
+	if h.Team != "" {
+		x.id.team = boundedValue(h.team.value(r, repl))
+	}
+	if h.VirtualAccount != "" {
+		x.id.account = hashAccount(h.account.value(r, repl))
 	}
 	if h.MetadataHeader != "" {
 		var why string
