@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -173,9 +175,25 @@ func truncate(s string, n int) string {
 
 // do sends req and reads the whole response, failing the test on a
 // transport error.
+//
+// A connection reset before any response is retried once, when the body can
+// be replayed. After a graceful reload, Caddy closes the old server's
+// listening socket, and the kernel resets connections still queued on it:
+// such a request never reached a handler (Caddy and the kernel, not the
+// module). A handler that fails closes its connection without a reset, and
+// still fails the test.
 func (h *harness) do(req *http.Request) response {
 	h.t.Helper()
 	res, err := h.client.Do(req)
+	if err != nil && errors.Is(err, syscall.ECONNRESET) && (req.Body == nil || req.GetBody != nil) {
+		retry := req.Clone(req.Context())
+		if req.GetBody != nil {
+			if retry.Body, err = req.GetBody(); err != nil {
+				h.t.Fatalf("%s %s: replaying the body: %v", req.Method, req.URL.Path, err)
+			}
+		}
+		res, err = h.client.Do(retry)
+	}
 	if err != nil {
 		h.t.Fatalf("%s %s: %v", req.Method, req.URL.Path, err)
 	}
