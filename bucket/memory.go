@@ -243,7 +243,7 @@ func (s *MemoryStore) Reserve(_ context.Context, now time.Time, charges []Charge
 		ch := &charges[i]
 		tat := c.tat(i)
 		if d.Allowed {
-			tat = max(tat, c.now) + spans[i]
+			tat = advance(tat, c.now, spans[i])
 			c.setTAT(i, ch, tat)
 		}
 		if states != nil {
@@ -256,12 +256,26 @@ func (s *MemoryStore) Reserve(_ context.Context, now time.Time, charges []Charge
 // conformsAfter returns how long after now a charge of span sp conforms on a
 // bucket whose TAT is tat and whose tolerance is tol.
 func conformsAfter(now, tat, sp, tol int64) int64 {
+	if sp == 0 {
+		// Nothing to charge: a zero-cost charge only reports the state, and
+		// a bucket in debt does not refuse it.
+		return 0
+	}
 	base := max(tat, now)
 	if sp > tol {
 		// Larger than the capacity: admit when the bucket is full.
 		sp = tol
 	}
 	return max(base+sp-tol-now, 0)
+}
+
+// advance moves a TAT forward by sp from max(tat, now), saturating at
+// maxSpan ahead of now, so that debts piled on debts can never overflow and
+// wrap around to a bucket that looks full. Both terms are at most maxSpan
+// (a quarter of the int64 range) past now, so the sum itself cannot
+// overflow.
+func advance(tat, now, sp int64) int64 {
+	return min(max(tat, now)+sp, now+maxSpan)
 }
 
 // stateOf reports a bucket's remaining units and time to full.
@@ -281,7 +295,7 @@ func (s *MemoryStore) Adjust(_ context.Context, now time.Time, charges []Charge)
 		tat := c.tat(i)
 		switch {
 		case ch.Cost > 0:
-			tat = max(tat, c.now) + ch.Limit.span(ch.Cost)
+			tat = advance(tat, c.now, ch.Limit.span(ch.Cost))
 		case ch.Cost < 0:
 			// A refund cannot fill the bucket beyond full.
 			tat = max(tat-ch.Limit.span(-ch.Cost), c.now)

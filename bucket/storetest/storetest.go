@@ -33,6 +33,7 @@ func Run(t *testing.T, newStore func(t *testing.T) bucket.Store) {
 	t.Run("DeletePrefix", func(t *testing.T) { testDeletePrefix(t, newStore(t)) })
 	t.Run("StaleTimestamps", func(t *testing.T) { testStale(t, newStore) })
 	t.Run("Concurrent", func(t *testing.T) { testConcurrent(t, newStore(t)) })
+	t.Run("HugeDebtSaturates", func(t *testing.T) { testHugeDebt(t, newStore(t)) })
 }
 
 func charge(key string, l bucket.Limit, cost int64) bucket.Charge {
@@ -329,5 +330,23 @@ func testConcurrent(t *testing.T, s bucket.Store) {
 	wg.Wait()
 	if admitted.Load() != 500 {
 		t.Fatalf("admitted %d, want exactly 500", admitted.Load())
+	}
+}
+
+// testHugeDebt piles enormous debts on a bucket: it must stay in debt (never
+// wrap around to full), and a zero-cost charge still conforms and reports.
+func testHugeDebt(t *testing.T, s bucket.Store) {
+	l := bucket.Limit{Count: 10000, Window: 24 * time.Hour}
+	now := epoch
+	for i := 0; i < 10; i++ {
+		adjust(t, s, now, charge("debt", l, 1_000_000_000_000))
+	}
+	d, st := reserve(t, s, now, 0, charge("debt", l, 1))
+	if d.Allowed || st[0].Remaining != 0 || d.Delay <= 0 {
+		t.Fatalf("after huge debts: %+v %+v, want refused", d, st[0])
+	}
+	d, st = reserve(t, s, now, 0, charge("debt", l, 0))
+	if !d.Allowed || st[0].Remaining != 0 {
+		t.Fatalf("zero-cost charge in debt: %+v %+v, want allowed with remaining 0", d, st[0])
 	}
 }

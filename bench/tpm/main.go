@@ -1,0 +1,492 @@
+// Command tpm measures token limiting against an upstream with a hidden
+// tokens-per-minute limit.
+//
+// It starts caddytest/fakellm in-process with a hidden TPM limit (a token
+// bucket of one minute of tokens, refilled at TPM/60 per second, charged
+// prompt + completion when a request arrives) and a fixed usage of 20 prompt
+// + 30 completion tokens per request, so every request really costs 50
+// tokens. In front of it, an in-process Caddy runs one of two
+// configurations, one after the other, each with a fresh fakellm and a fresh
+// Caddy:
+//
+//	(a) reverse_proxy alone;
+//	(b) llm_rate_limit with one rule set to the upstream's limit
+//	    (limit <tpm> tokens_per_minute), then reverse_proxy.
+//
+// The load is open-loop: Poisson arrivals at -rate times what the upstream
+// can sustain (tpm/50/60 requests per second), for -duration, with the same
+// seed, hence the same arrival schedule, for both configurations. Each
+// request is a non-streamed OpenAI chat completion whose prompt is 80 ASCII
+// characters (20 tokens at the module's default 4 characters per token) and
+// whose max_tokens is 30, so the module's admission estimate (50) equals the
+// real usage. The client never retries.
+//
+// Run it from the repository root:
+//
+//	go run ./bench/tpm -duration 30s
+//
+// Everything listens on 127.0.0.1 at free ports. Every loop is bounded in
+// time and count: the arrival loop by -duration and a hard cap on arrivals,
+// each request by -timeout, and the wait for stragglers by -timeout too.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+
+	_ "github.com/llmratelimit/caddy-llm-ratelimit"
+	"github.com/llmratelimit/caddy-llm-ratelimit/caddytest/fakellm"
+)
+
+// What every request costs the upstream, as fakellm reports it in usage and
+// charges its hidden bucket.
+const (
+	promptTokens     = 20
+	completionTokens = 30
+	tokensPerRequest = promptTokens + completionTokens
+)
+
+// prompt is exactly 80 ASCII characters, so the module estimates it at
+// ceil(80/4) = 20 prompt tokens, the same as fakellm reports. With
+// "max_tokens": 30 the admission estimate is exactly the real usage, 50.
+const prompt = "Summarise the plot of Hamlet in three short sentences for a reader in a hurry..."
+
+// options are the command-line flags.
+type options struct {
+	duration    time.Duration // length of the arrival phase
+	tpm         int           // the upstream's hidden limit, and rule (b)'s
+	rate        float64       // offered load as a multiple of what the upstream sustains
+	seed        uint64        // seed of the Poisson arrival schedule
+	maxInflight int           // bound on requests in flight; arrivals above it are dropped
+	timeout     time.Duration // per-request timeout, and the bound on the final drain
+	verbose     bool          // show Caddy's logs
+}
+
+func main() {
+	var o options
+	flag.DurationVar(&o.duration, "duration", 30*time.Second, "how long arrivals run, per configuration")
+	flag.IntVar(&o.tpm, "tpm", 60000, "the upstream's hidden tokens-per-minute limit (and the limit of rule (b))")
+	flag.Float64Var(&o.rate, "rate", 2.0, "offered load as a multiple of what the upstream sustains (tpm/50/60 requests/s)")
+	flag.Uint64Var(&o.seed, "seed", 1, "seed of the Poisson arrival schedule (the same for both configurations)")
+	flag.IntVar(&o.maxInflight, "max-inflight", 256, "most requests in flight; an arrival above it is dropped by the load generator")
+	flag.DurationVar(&o.timeout, "timeout", 30*time.Second, "per-request timeout")
+	flag.BoolVar(&o.verbose, "v", false, "show Caddy's logs on stderr")
+	flag.Parse()
+	if err := o.validate(); err != nil {
+		fmt.Fprintln(os.Stderr, "tpm:", err)
+		os.Exit(2)
+	}
+
+	configs := []struct {
+		name    string
+		limiter bool
+	}{
+		{"(a) reverse_proxy alone", false},
+		{"(b) llm_rate_limit + reverse_proxy", true},
+	}
+	var results []result
+	for _, c := range configs {
+		fmt.Fprintf(os.Stderr, "running %s for %s ...\n", c.name, o.duration)
+		r, err := runConfig(c.name, c.limiter, o)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "tpm: %s: %v\n", c.name, err)
+			os.Exit(1)
+		}
+		results = append(results, r)
+	}
+	report(os.Stdout, o, results)
+}
+
+func (o options) validate() error {
+	switch {
+	case o.duration <= 0 || o.duration > time.Hour:
+		return errors.New("-duration must be in (0, 1h]")
+	case o.tpm < tokensPerRequest || o.tpm > 1e9:
+		return fmt.Errorf("-tpm must be in [%d, 1e9]", tokensPerRequest)
+	case !(o.rate > 0) || o.rate > 1000:
+		return errors.New("-rate must be in (0, 1000]")
+	case o.maxInflight < 1 || o.maxInflight > 100000:
+		return errors.New("-max-inflight must be in [1, 100000]")
+	case o.timeout <= 0 || o.timeout > 10*time.Minute:
+		return errors.New("-timeout must be in (0, 10m]")
+	}
+	return nil
+}
+
+// arrivalRate is the offered load in requests per second: rate times what
+// the upstream sustains.
+func (o options) arrivalRate() float64 {
+	return o.rate * float64(o.tpm) / tokensPerRequest / 60
+}
+
+// capacity is the tokens the upstream could serve over the run: its bucket
+// starts full (one minute of tokens) and refills at TPM/60 per second.
+func (o options) capacity() float64 {
+	return float64(o.tpm) + float64(o.tpm)/60*o.duration.Seconds()
+}
+
+// result is what one configuration measured.
+type result struct {
+	name string
+
+	scheduled int           // arrivals the Poisson schedule produced
+	sent      int           // requests actually sent
+	dropped   int           // arrivals not sent because maxInflight were in flight
+	maxLag    time.Duration // worst lateness of the arrival loop behind its schedule
+
+	ok        int   // client got a 2xx
+	client429 int   // client got a 429 (from the module or passed on from the upstream)
+	other     int   // client got another status
+	errs      int   // transport errors and timeouts
+	usage     int64 // sum of usage.total_tokens over the 2xx bodies
+	badUsage  int   // 2xx bodies whose usage was not tokensPerRequest
+	latencies []time.Duration
+
+	upstreamTotal   int // requests that reached fakellm
+	upstreamLimited int // of those, refused by its hidden limit
+
+	drained bool // every request finished before the drain bound
+}
+
+// runConfig starts a fresh fakellm and a fresh in-process Caddy, runs the
+// load through them and stops both.
+func runConfig(name string, limiter bool, o options) (result, error) {
+	res := result{name: name}
+	up, err := fakellm.Start(fakellm.Config{
+		TPM:              o.tpm,
+		PromptTokens:     promptTokens,
+		CompletionTokens: completionTokens,
+		RateLimitHeaders: true,
+	})
+	if err != nil {
+		return res, err
+	}
+	defer up.Close()
+
+	port, err := freePort()
+	if err != nil {
+		return res, err
+	}
+	if err := loadCaddy(caddyfile(port, strings.TrimPrefix(up.URL, "http://"), limiter, o)); err != nil {
+		return res, err
+	}
+	defer func() {
+		if err := caddy.Stop(); err != nil {
+			fmt.Fprintln(os.Stderr, "tpm: stopping caddy:", err)
+		}
+	}()
+
+	url := fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", port)
+	runLoad(&res, url, o)
+	res.upstreamTotal, res.upstreamLimited = up.Counts()
+	return res, nil
+}
+
+// caddyfile is the configuration under test: reverse_proxy to the fake
+// upstream, after an llm_rate_limit rule set to the upstream's own limit
+// when limiter is true. The global options keep Caddy in-process, quiet and
+// on loopback, as caddytest's harness does.
+func caddyfile(port int, upstream string, limiter bool, o options) string {
+	var b strings.Builder
+	b.WriteString("{\n\tadmin off\n\tpersist_config off\n\tauto_https off\n\tdefault_bind 127.0.0.1\n\tgrace_period 5s\n")
+	if !o.verbose {
+		b.WriteString("\tlog {\n\t\toutput discard\n\t}\n")
+	}
+	b.WriteString("}\n\n")
+	fmt.Fprintf(&b, ":%d {\n", port)
+	if limiter {
+		fmt.Fprintf(&b, "\tllm_rate_limit {\n\t\trule upstream-tpm {\n\t\t\tlimit %d tokens_per_minute\n\t\t}\n\t}\n", o.tpm)
+	}
+	fmt.Fprintf(&b, "\treverse_proxy %s\n}\n", upstream)
+	return b.String()
+}
+
+// loadCaddy adapts a Caddyfile and loads it into the process's Caddy.
+func loadCaddy(caddyfile string) error {
+	adapter := caddyconfig.GetAdapter("caddyfile")
+	if adapter == nil {
+		return errors.New("caddyfile adapter not registered")
+	}
+	cfg, _, err := adapter.Adapt([]byte(caddyfile), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		return fmt.Errorf("adapting:\n%s\n%w", caddyfile, err)
+	}
+	return caddy.Load(cfg, true)
+}
+
+// freePort returns a loopback TCP port that was free a moment ago.
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// requestBody is the OpenAI chat completion every request sends.
+func requestBody() []byte {
+	b, err := json.Marshal(map[string]any{
+		"model":      "gpt-4o-mini",
+		"max_tokens": completionTokens,
+		"messages":   []map[string]string{{"role": "user", "content": prompt}},
+	})
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// runLoad sends open-loop Poisson arrivals to url for o.duration and waits
+// (at most o.timeout) for the requests in flight to finish.
+func runLoad(res *result, url string, o options) {
+	body := requestBody()
+	client := &http.Client{
+		Timeout: o.timeout,
+		Transport: &http.Transport{
+			DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
+			MaxIdleConns:        o.maxInflight,
+			MaxIdleConnsPerHost: o.maxInflight,
+			IdleConnTimeout:     90 * time.Second,
+		},
+	}
+	defer client.CloseIdleConnections()
+	ctx, cancel := context.WithTimeout(context.Background(), o.duration+o.timeout)
+	defer cancel()
+
+	lambda := o.arrivalRate()
+	rng := rand.New(rand.NewPCG(o.seed, 0x7470_6d62_656e_6368)) // same schedule for every configuration
+	// A hard cap on arrivals, far above what a Poisson process at lambda
+	// produces in o.duration, so the loop is bounded in count as well.
+	maxArrivals := int(lambda*o.duration.Seconds()*2) + 1000
+	res.latencies = make([]time.Duration, 0, int(lambda*o.duration.Seconds())+16)
+
+	var (
+		mu  sync.Mutex // guards res while requests are in flight
+		wg  sync.WaitGroup
+		sem = make(chan struct{}, o.maxInflight)
+	)
+	start := time.Now()
+	deadline := start.Add(o.duration)
+	next := start
+	for range maxArrivals {
+		// Exponential gaps make a Poisson process. The schedule is kept in
+		// absolute times, so a late wake-up does not shift later arrivals.
+		next = next.Add(time.Duration(rng.ExpFloat64() / lambda * float64(time.Second)))
+		if !next.Before(deadline) {
+			break
+		}
+		if d := time.Until(next); d > 0 {
+			time.Sleep(d)
+		}
+		res.maxLag = max(res.maxLag, time.Since(next))
+		res.scheduled++
+		select {
+		case sem <- struct{}{}:
+		default:
+			res.dropped++ // open loop: never wait for a slot
+			continue
+		}
+		res.sent++
+		wg.Go(func() {
+			defer func() { <-sem }()
+			one(ctx, client, url, body, res, &mu)
+		})
+	}
+
+	// Wait for the requests in flight, bounded: each has its own timeout,
+	// and ctx ends o.timeout after the arrival phase.
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		res.drained = true
+	case <-time.After(o.timeout + 5*time.Second):
+		// Should not happen, as each request has its own timeout. Abort
+		// the stragglers (they count as errors) and wait for them to go.
+		cancel()
+		<-done
+	}
+}
+
+// one sends a single request, never retrying, and records its outcome.
+func one(ctx context.Context, client *http.Client, url string, body []byte, res *result, mu *sync.Mutex) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	if err != nil {
+		panic(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer sk-bench-not-a-key")
+	t0 := time.Now()
+	resp, err := client.Do(req) // a POST without an idempotency key is never retried by net/http
+	var raw []byte
+	if err == nil {
+		raw, err = io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		resp.Body.Close()
+	}
+	lat := time.Since(t0)
+
+	var usage int64 = -1
+	if err == nil && resp.StatusCode/100 == 2 {
+		var v struct {
+			Usage struct {
+				TotalTokens int64 `json:"total_tokens"`
+			} `json:"usage"`
+		}
+		if json.Unmarshal(raw, &v) == nil {
+			usage = v.Usage.TotalTokens
+		}
+	}
+
+	mu.Lock()
+	defer mu.Unlock()
+	switch {
+	case err != nil:
+		res.errs++
+	case resp.StatusCode/100 == 2:
+		res.ok++
+		res.latencies = append(res.latencies, lat)
+		if usage != tokensPerRequest {
+			res.badUsage++
+		}
+		res.usage += max(usage, 0)
+	case resp.StatusCode == http.StatusTooManyRequests:
+		res.client429++
+	default:
+		res.other++
+	}
+}
+
+// percentile returns the p-th percentile (0 < p ≤ 1) of sorted, by the
+// nearest-rank method.
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(math.Ceil(p*float64(len(sorted)))) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+func pct(n, of int) string {
+	if of == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.1f %%", 100*float64(n)/float64(of))
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond)) }
+
+// report prints the command, the machine and a markdown table of results.
+func report(w io.Writer, o options, results []result) {
+	fmt.Fprintf(w, "\n`go run ./bench/tpm %s`\n\n", strings.Join(os.Args[1:], " "))
+	fmt.Fprintf(w, "Effective flags: -duration %s -tpm %d -rate %g -seed %d -max-inflight %d. "+
+		"Arrivals %.2f req/s (upstream sustains %.2f req/s = %d tokens/s at %d tokens per request).\n\n",
+		o.duration, o.tpm, o.rate, o.seed, o.maxInflight,
+		o.arrivalRate(), float64(o.tpm)/tokensPerRequest/60, o.tpm/60, tokensPerRequest)
+	fmt.Fprintf(w, "Machine: %s, nproc %d, CPU %s, GOMAXPROCS %d, load average at the end %s. "+
+		"Load generator, Caddy and the fake upstream share this one process.\n\n",
+		runtime.Version(), runtime.NumCPU(), cpuModel(), runtime.GOMAXPROCS(0), loadAvg())
+
+	capTokens := o.capacity()
+	fmt.Fprintln(w, "| configuration | sent | dropped by load gen | client 2xx | client 429 | upstream 429 | other / errors | tokens offered | tokens served | upstream capacity | share used | p50 (2xx) | p99 (2xx) |")
+	fmt.Fprintln(w, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+	for _, r := range results {
+		slices.Sort(r.latencies)
+		served := r.ok * tokensPerRequest
+		fmt.Fprintf(w, "| %s | %d | %d | %d | %d (%s) | %d | %d / %d | %d | %d | %.0f | %.1f %% | %s | %s |\n",
+			r.name, r.sent, r.dropped, r.ok, r.client429, pct(r.client429, r.sent),
+			r.upstreamLimited, r.other, r.errs,
+			r.sent*tokensPerRequest, served, capTokens, 100*float64(served)/capTokens,
+			ms(percentile(r.latencies, 0.50)), ms(percentile(r.latencies, 0.99)))
+	}
+	fmt.Fprintf(w, "\nupstream capacity = TPM + TPM/60 × %.0f s; share used = tokens served ÷ capacity; "+
+		"tokens offered = sent × %d.\n", o.duration.Seconds(), tokensPerRequest)
+	if off := o.rate * float64(o.tpm) / 60 * o.duration.Seconds(); off < capTokens {
+		fmt.Fprintf(w, "Note: the expected offered load (%.0f tokens) is below the capacity (%.0f tokens): "+
+			"the upstream's initial full bucket absorbs the excess, so even (a) need not be refused and the share used cannot reach 100 %%. "+
+			"To load it beyond its capacity, raise -rate above %.2f",
+			off, capTokens, 1+60/o.duration.Seconds())
+		if o.rate > 1 {
+			fmt.Fprintf(w, " or -duration above %s", time.Duration(60/(o.rate-1)*float64(time.Second)).Round(time.Second))
+		}
+		fmt.Fprintln(w, ".")
+	}
+
+	// Sanity checks, printed only when something is off.
+	for _, r := range results {
+		var notes []string
+		if !r.drained {
+			notes = append(notes, "some requests were still in flight after the drain bound")
+		}
+		if r.badUsage > 0 {
+			notes = append(notes, fmt.Sprintf("%d 2xx bodies did not report %d total tokens", r.badUsage, tokensPerRequest))
+		}
+		if r.usage != int64(r.ok*tokensPerRequest) {
+			notes = append(notes, fmt.Sprintf("usage summed over 2xx bodies is %d, not 2xx × %d", r.usage, tokensPerRequest))
+		}
+		if got := r.upstreamTotal - r.upstreamLimited; got != r.ok {
+			notes = append(notes, fmt.Sprintf("the upstream admitted %d requests but the client saw %d 2xx", got, r.ok))
+		}
+		notes = append(notes, fmt.Sprintf("%d requests reached the upstream; the arrival loop ran at most %s behind its schedule",
+			r.upstreamTotal, ms(r.maxLag)))
+		fmt.Fprintf(w, "- %s: %s.\n", r.name, strings.Join(notes, "; "))
+	}
+	if len(results) == 2 {
+		b := results[1]
+		share := float64(b.ok*tokensPerRequest) / capTokens
+		fmt.Fprintf(w, "\nGoals for (b): upstream 429s = %d (goal 0: %s); share used %.1f %% (goal ≥ 95 %%: %s).\n",
+			b.upstreamLimited, verdict(b.upstreamLimited == 0), 100*share, verdict(share >= 0.95))
+	}
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "met"
+	}
+	return "NOT met"
+}
+
+// cpuModel is the first "model name" of /proc/cpuinfo, or "unknown".
+func cpuModel() string {
+	f, err := os.Open("/proc/cpuinfo")
+	if err != nil {
+		return "unknown"
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown"
+}
+
+// loadAvg is the 1-, 5- and 15-minute load average from /proc/loadavg.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); err == nil && len(f) >= 3 {
+		return strings.Join(f[:3], " ")
+	}
+	return "unknown"
+}
