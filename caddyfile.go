@@ -182,8 +182,16 @@ func parseTokensBlock(d *caddyfile.Dispenser) (*TokenConfig, error) {
 		return nil, d.ArgErr()
 	}
 	tc := &TokenConfig{}
+	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		switch name := d.Val(); name {
+		name := d.Val()
+		if name != "model" {
+			if seen[name] {
+				return nil, d.Errf("tokens: %s specified more than once", name)
+			}
+			seen[name] = true
+		}
+		switch name {
 		case "chars_per_token", "completion_tokens":
 			var v string
 			if !d.AllArgs(&v) {
@@ -209,7 +217,11 @@ func parseTokensBlock(d *caddyfile.Dispenser) (*TokenConfig, error) {
 			if !d.AllArgs(&m.Match) {
 				return nil, d.Errf("tokens: model needs exactly one argument, the model name or prefix*")
 			}
-			for mn := d.Nesting(); d.NextBlock(mn); {
+			mn := d.Nesting()
+			if !d.NextBlock(mn) {
+				return nil, d.Errf("tokens: model %s: needs a block with chars_per_token or completion_tokens", m.Match)
+			}
+			for first := true; first || d.NextBlock(mn); first = false {
 				opt := d.Val()
 				var v string
 				if opt != "chars_per_token" && opt != "completion_tokens" {
@@ -280,7 +292,15 @@ func parseRuleBlock(d *caddyfile.Dispenser, r *Rule, shorthand bool) error {
 				}
 				switch cond {
 				case "subjects":
-					r.When.Subjects = append(r.When.Subjects, args...)
+					for _, sub := range args {
+						// Keep API keys out of the adapted JSON: a
+						// virtualaccount written as a key is stored as
+						// its hash.
+						if key, ok := strings.CutPrefix(sub, "virtualaccount:"); ok && key != "" && !strings.HasPrefix(key, "sha256:") {
+							sub = "virtualaccount:sha256:" + hashAccount(key)
+						}
+						r.When.Subjects = append(r.When.Subjects, sub)
+					}
 				case "models":
 					r.When.Models = append(r.When.Models, args...)
 				case "metadata":
@@ -291,6 +311,9 @@ func parseRuleBlock(d *caddyfile.Dispenser, r *Rule, shorthand bool) error {
 						k, v, ok := strings.Cut(kv, "=")
 						if !ok || k == "" {
 							return d.Errf("%s: metadata %q: want key=value", what, kv)
+						}
+						if _, dup := r.When.Metadata[k]; dup {
+							return d.Errf("%s: metadata key %q given twice", what, k)
 						}
 						r.When.Metadata[k] = v
 					}

@@ -2,6 +2,7 @@ package llmratelimit
 
 import (
 	"io"
+	"math/bits"
 	"net/http"
 	"strconv"
 	"time"
@@ -63,7 +64,7 @@ func setRateLimitHeaders(h http.Header, now time.Time, x *exchange) {
 		// The tightest bucket has the smallest share of its capacity left:
 		// compare remaining/capacity without dividing.
 		t := x.states[tightest]
-		if st.Remaining*x.applied[tightest].limit.limit.Capacity() < t.Remaining*a.limit.limit.Capacity() {
+		if lessProduct(st.Remaining, x.applied[tightest].limit.limit.Capacity(), t.Remaining, a.limit.limit.Capacity()) {
 			tightest = i
 		}
 	}
@@ -75,6 +76,14 @@ func setRateLimitHeaders(h http.Header, now time.Time, x *exchange) {
 	h[ourHeaders[2]] = []string{strconv.FormatInt(l.limit.Count, 10)}
 	h[ourHeaders[3]] = []string{strconv.FormatInt(st.Remaining, 10)}
 	h[ourHeaders[4]] = []string{strconv.FormatInt(now.Add(st.ResetAfter+time.Second-1).Unix(), 10)}
+}
+
+// lessProduct reports a×b < c×d for non-negative values, in 128 bits: near
+// the 10¹² limits the products overflow 64.
+func lessProduct(a, b, c, d int64) bool {
+	h1, l1 := bits.Mul64(uint64(max(a, 0)), uint64(max(b, 0)))
+	h2, l2 := bits.Mul64(uint64(max(c, 0)), uint64(max(d, 0)))
+	return h1 < h2 || h1 == h2 && l1 < l2
 }
 
 // ceilSeconds rounds a duration up to whole seconds.

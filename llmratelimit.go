@@ -43,6 +43,9 @@ func init() {
 // DefaultMaxBody is the default bound on a request body the module reads.
 const DefaultMaxBody = 16 << 20
 
+// maxMaxBody bounds max_body, as the Caddyfile parser does.
+const maxMaxBody = 1 << 40
+
 // Handler is the llm_rate_limit HTTP handler. It rate-limits LLM API requests
 // by rules, before they reach the next handler.
 type Handler struct {
@@ -159,8 +162,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 // Validate checks the options that Provision does not.
 func (h *Handler) Validate() error {
-	if h.MaxBody < 0 {
-		return fmt.Errorf("max_body must not be negative, got %d", h.MaxBody)
+	if h.MaxBody < 0 || h.MaxBody > maxMaxBody {
+		return fmt.Errorf("max_body must be between 1 byte and 1 TiB, got %d", h.MaxBody)
 	}
 	return nil
 }
@@ -250,7 +253,14 @@ func (x *exchange) match(rules []compiledRule) {
 				x.keys = r.appendKey(x.keys, l, &x.id)
 				cost := int64(1)
 				if l.quantity == quantityTokens {
-					cost = x.promptEst + x.completionEst
+					// A request larger than the bucket is charged the whole
+					// capacity: it is admitted once the bucket is full, and
+					// settlement then charges what it really used. So a
+					// client's huge max_tokens cannot push a debt onto
+					// everyone sharing the bucket; only real usage can.
+					// (With oversize reject, it is refused before this
+					// matters.)
+					cost = min(x.promptEst+x.completionEst, l.limit.Capacity())
 					x.tokenCharges++
 				}
 				x.applied = append(x.applied, applied{rule: r, limit: l})
@@ -299,16 +309,24 @@ func (h *Handler) decide(ctx context.Context, now time.Time, x *exchange) (outco
 		// shadow rules nothing either; they still report their state.
 		return out, store.Peek(ctx, now, shadow, x.states[x.nEnforce:])
 	}
-	d, err := store.Reserve(ctx, now, shadow, 0, x.states[x.nEnforce:])
-	if err != nil {
-		return out, err
-	}
-	if !d.Allowed {
-		out.shadowRefused = x.nEnforce + d.Limiting
-	} else {
-		for i := x.nEnforce; i < len(x.charged); i++ {
-			x.charged[i] = true
+	// Each shadow rule is charged on its own, as if it were the only rule:
+	// one that would refuse must not keep the others from counting.
+	for start := x.nEnforce; start < len(x.charges); {
+		end := start + 1
+		for end < len(x.charges) && x.applied[end].rule == x.applied[start].rule {
+			end++
 		}
+		d, err := store.Reserve(ctx, now, x.charges[start:end], 0, x.states[start:end])
+		if err != nil {
+			return out, err
+		}
+		if !d.Allowed && out.shadowRefused < 0 {
+			out.shadowRefused = start + d.Limiting
+		}
+		for i := start; i < end; i++ {
+			x.charged[i] = d.Allowed
+		}
+		start = end
 	}
 	return out, nil
 }
@@ -322,6 +340,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if dialect != tokens.DialectUnknown {
 		if answered, err := h.readBody(w, r, dialect, x); answered {
 			return err
+		}
+		if body := x.body; body != nil {
+			// Whatever the next handler did with the body, leave a fresh
+			// copy on the request for handle_errors routes (a fallback
+			// upstream) that send it again.
+			defer func() { r.Body = io.NopCloser(bytes.NewReader(body)) }()
 		}
 		if len(x.body) > 0 || pathModel != "" {
 			p := tokens.GetParser()
@@ -346,7 +370,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			a := x.applied[i]
 			return h.refuse(w, dialect, http.StatusRequestEntityTooLarge, tokens.ErrTooLarge, "tokens",
 				fmt.Sprintf("request too large: it needs about %d tokens, and rule %q allows at most %d at once (%d %s)",
-					x.charges[i].Cost, a.rule.id, a.limit.limit.Capacity(), a.limit.limit.Count, a.limit.unit))
+					x.promptEst+x.completionEst, a.rule.id, a.limit.limit.Capacity(), a.limit.limit.Count, a.limit.unit))
 		}
 	}
 
@@ -400,8 +424,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 // oversize returns the index of a token charge larger than its bucket's
 // whole capacity, or -1.
 func (x *exchange) oversize() int {
-	for i, a := range x.applied {
-		if a.limit.quantity == quantityTokens && x.charges[i].Cost > a.limit.limit.Capacity() {
+	for i, a := range x.applied[:x.nEnforce] {
+		if a.limit.quantity == quantityTokens && x.promptEst+x.completionEst > a.limit.limit.Capacity() {
 			return i
 		}
 	}
@@ -443,31 +467,20 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, d tokens.Dial
 	return false, nil
 }
 
-// readAll reads at most limit bytes of body. When the length is announced
-// it reads into one buffer of exactly that size; bytes.Buffer would double
-// its buffer to make room for a read that finds only EOF.
+// readAll reads at most limit bytes of body. An announced length sizes the
+// first buffer (up to 64 KiB), so a typical body is read with one
+// allocation.
 func readAll(body io.Reader, length, limit int64) ([]byte, error) {
 	if length < 0 || length >= limit {
 		var buf bytes.Buffer
 		_, err := buf.ReadFrom(io.LimitReader(body, limit))
 		return buf.Bytes(), err
 	}
-	buf := make([]byte, length, length+1)
-	if _, err := io.ReadFull(body, buf); err != nil {
-		if err == io.ErrUnexpectedEOF {
-			err = errors.New("request body shorter than its Content-Length")
-		}
-		return buf, err
-	}
-	// The server enforces Content-Length, so this finds EOF; a body that
-	// somehow goes on is read on, up to the limit.
-	var one [1]byte
-	if n, _ := body.Read(one[:]); n == 0 {
-		return buf, nil
-	}
-	rest := bytes.NewBuffer(append(buf, one[0]))
-	_, err := rest.ReadFrom(io.LimitReader(body, limit-length-1))
-	return rest.Bytes(), err
+	// Trust an announced length only so far: a client must send the bytes
+	// before the module holds memory for them.
+	buf := bytes.NewBuffer(make([]byte, 0, min(length, 64<<10)+1))
+	_, err := buf.ReadFrom(io.LimitReader(body, limit))
+	return buf.Bytes(), err
 }
 
 // replaceBody makes body the request's body, replayable.

@@ -299,27 +299,33 @@ func compileRule(zone string, r Rule) (compiledRule, error) {
 }
 
 func parseSubject(s string) (subject, error) {
+	// Error messages name the kind but never the value: a mistyped
+	// virtualaccount subject may hold an API key.
 	kind, value, ok := strings.Cut(s, ":")
 	if !ok || value == "" {
-		return subject{}, fmt.Errorf("subject %q: want user:NAME, team:NAME or virtualaccount:NAME", s)
+		return subject{}, fmt.Errorf("subject of kind %q has no value: want user:NAME, team:NAME or virtualaccount:NAME", kind)
 	}
 	switch kind {
 	case "user":
-		return subject{kind: dimUser, value: value}, nil
+		// Bounded as the request's value is, so that long names match.
+		return subject{kind: dimUser, value: boundedValue(value)}, nil
 	case "team":
-		return subject{kind: dimTeam, value: value}, nil
+		return subject{kind: dimTeam, value: boundedValue(value)}, nil
 	case "virtualaccount":
 		if h, ok := strings.CutPrefix(value, "sha256:"); ok {
 			// The full digest (64 hex digits) or the 32 the module keeps.
 			h = strings.ToLower(h)
 			if len(h) != 32 && len(h) != 64 || strings.Trim(h, "0123456789abcdef") != "" {
-				return subject{}, fmt.Errorf("subject %q: sha256: must be followed by the 64 (or first 32) hex digits of the key's SHA-256", s)
+				return subject{}, fmt.Errorf("virtualaccount subject: sha256: must be followed by the 64 (or first 32) hex digits of the key's SHA-256")
 			}
 			return subject{kind: dimVirtualAccount, value: h[:32]}, nil
 		}
 		return subject{kind: dimVirtualAccount, value: hashAccount(value)}, nil
 	}
-	return subject{}, fmt.Errorf("subject %q: unknown kind %q, want user, team or virtualaccount", s, kind)
+	if len(kind) > 32 {
+		kind = kind[:32] + "…"
+	}
+	return subject{}, fmt.Errorf("subject: unknown kind %q, want user, team or virtualaccount", kind)
 }
 
 func parseDimension(p string) (dimension, error) {

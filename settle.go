@@ -220,15 +220,13 @@ func (h *Handler) settle(x *exchange, u *usageWatcher, wrote bool, nextErr error
 	if reported && estimate > 0 {
 		h.metrics.observeEstimate(x.req.Dialect, float64(real)/float64(estimate))
 	}
-	delta := real - estimate
-	if delta == 0 {
-		return
-	}
+	// Each bucket is corrected by what it was charged: a bucket smaller
+	// than the estimate was charged only its capacity.
 	adj := x.adjust[:0]
 	for i, a := range x.applied {
-		if a.limit.quantity == quantityTokens && x.charged[i] {
+		if a.limit.quantity == quantityTokens && x.charged[i] && real != x.charges[i].Cost {
 			c := x.charges[i]
-			c.Cost = delta
+			c.Cost = real - c.Cost
 			adj = append(adj, c)
 		}
 	}

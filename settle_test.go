@@ -1,9 +1,13 @@
 package llmratelimit
 
 import (
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 // respond is a next handler that answers with a fixed status, content type
@@ -120,5 +124,55 @@ func TestStreamUsageAddsIncludeUsage(t *testing.T) {
 		if got := string(addIncludeUsage([]byte(tc.in))); got != tc.want {
 			t.Errorf("addIncludeUsage(%s) = %s, want %s", tc.in, got, tc.want)
 		}
+	}
+}
+
+// A client's huge max_tokens cannot push a debt onto everyone sharing the
+// bucket: the charge is capped at the capacity, and settlement charges what
+// was really used.
+func TestHugeMaxTokensChargesAtMostCapacity(t *testing.T) {
+	h := tokenHandler(t, nil)
+	usage := respond{200, "application/json", []string{`{"usage":{"prompt_tokens":10,"completion_tokens":20}}`}}
+	w := serve(t, h, usage, "/v1/chat/completions", `{"model":"m","max_tokens":1000000000000,"messages":[{"role":"user","content":"hi"}]}`)
+	if w.Code != 200 || w.Header().Get("RateLimit") != `"tpm/tokens_per_minute";r=0;t=60` {
+		t.Fatalf("admission: %d %q", w.Code, w.Header().Get("RateLimit"))
+	}
+	if got := remaining(t, h); got != `"tpm/tokens_per_minute";r=9970;t=1` {
+		t.Fatalf("after settlement: %q", got)
+	}
+}
+
+// A shadow rule never refuses, not even as oversize.
+func TestOversizeRejectIgnoresShadowRules(t *testing.T) {
+	h := &Handler{Tokens: &TokenConfig{Oversize: "reject"}, Rules: []Rule{{ID: "s", Mode: "shadow", Limits: []Limit{{LimitTo: 100, Unit: "tokens_per_minute"}}}}}
+	newTestHandler(t, h)
+	if w := serve(t, h, &upstream{}, "/v1/chat/completions", `{"model":"m","max_tokens":5000,"messages":[]}`); w.Code != 200 {
+		t.Fatalf("shadow rule refused: %d %s", w.Code, w.Body)
+	}
+}
+
+// drain reads the body and fails, like an upstream that could not be
+// reached after the body was sent.
+type drain struct{ got *[]byte }
+
+func (d drain) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
+	*d.got, _ = io.ReadAll(r.Body)
+	return caddyhttp.Error(http.StatusBadGateway, io.ErrUnexpectedEOF)
+}
+
+// After the handler, the request still carries its whole body, for
+// handle_errors routes that send it to a fallback upstream.
+func TestBodyLeftForHandleErrors(t *testing.T) {
+	h := &Handler{Rules: []Rule{{ID: "r", Limits: []Limit{{LimitTo: 10, Unit: "requests_per_minute"}}}}}
+	newTestHandler(t, h)
+	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", strings.NewReader(chatBody))
+	caddyhttp.NewTestReplacer(r)
+	var first []byte
+	if err := h.ServeHTTP(httptest.NewRecorder(), r, drain{&first}); err == nil {
+		t.Fatal("the error was lost")
+	}
+	again, _ := io.ReadAll(r.Body)
+	if string(first) != chatBody || string(again) != chatBody {
+		t.Fatalf("first read %q, second %q", first, again)
 	}
 }

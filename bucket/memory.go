@@ -21,6 +21,9 @@ const memoryShards = 64
 // never used, so Sweep drops it.
 type MemoryStore struct {
 	seed maphash.Seed
+	// epoch is a reference instant (the store's creation) from which times
+	// are measured; see clock.
+	epoch time.Time
 	// latest is the latest time, in Unix nanoseconds, any call has passed.
 	// Calls use max(now, latest), so that the store's clock never runs
 	// backwards: a caller with a stale timestamp sees the bucket as it is at
@@ -47,7 +50,7 @@ type memoryBucket struct {
 
 // NewMemoryStore returns an empty in-memory store.
 func NewMemoryStore() *MemoryStore {
-	s := &MemoryStore{seed: maphash.MakeSeed()}
+	s := &MemoryStore{seed: maphash.MakeSeed(), epoch: time.Now()}
 	for i := range s.shards {
 		s.shards[i].buckets = make(map[string]*memoryBucket)
 	}
@@ -59,7 +62,10 @@ var _ Store = (*MemoryStore)(nil)
 // clock returns now as Unix nanoseconds, never earlier than a time an earlier
 // call passed.
 func (s *MemoryStore) clock(now time.Time) int64 {
-	t := now.UnixNano()
+	// Through the store's epoch, so that times carrying Go's monotonic
+	// clock reading (time.Now) measure elapsed time with it: a step of the
+	// wall clock then neither freezes nor floods a bucket.
+	t := s.epoch.UnixNano() + int64(now.Sub(s.epoch))
 	for {
 		latest := s.latest.Load()
 		if t <= latest {

@@ -63,9 +63,9 @@ func TestInvalidCaddyfiles(t *testing.T) {
 		{"applies_per twice", rule("limit 1 requests_per_minute\napplies_per user user"),
 			[]string{`rate_limit_applies_per: "user" listed twice`}},
 		{"bad subject kind", rule("when {\nsubjects org:acme\n}\nlimit 1 requests_per_minute"),
-			[]string{`subject "org:acme": unknown kind "org", want user, team or virtualaccount`}},
+			[]string{`subject: unknown kind "org", want user, team or virtualaccount`}},
 		{"subject without kind", rule("when {\nsubjects alice\n}\nlimit 1 requests_per_minute"),
-			[]string{`subject "alice": want user:NAME, team:NAME or virtualaccount:NAME`}},
+			[]string{`subject of kind "alice" has no value: want user:NAME, team:NAME or virtualaccount:NAME`}},
 		{"bad sha256 subject", rule("when {\nsubjects virtualaccount:sha256:xyz\n}\nlimit 1 requests_per_minute"),
 			[]string{`sha256: must be followed by the 64 (or first 32) hex digits`}},
 		{"mode other", rule("limit 1 requests_per_minute\nmode dryrun"),
@@ -138,7 +138,7 @@ func TestInvalidJSONConfigKeepsRunningConfig(t *testing.T) {
 		{"bad dimension", `"rules":[{"id":"x","rate_limit_applies_per":["org"],"limits":[{"limit_to":1,"unit":"requests_per_minute"}]}]`, `unknown dimension "org"`},
 		{"empty model", `"rules":[{"id":"x","when":{"models":[""]},"limits":[{"limit_to":1,"unit":"requests_per_minute"}]}]`, `empty model name`},
 		{"negative burst", `"rules":[{"id":"x","limits":[{"limit_to":1,"unit":"requests_per_minute","burst":-1}]}]`, `burst must not be negative`},
-		{"negative max_body", `"max_body":-1`, `max_body must not be negative`},
+		{"negative max_body", `"max_body":-1`, `max_body must be between 1 byte and 1 TiB`},
 		{"unknown field", `"rulez":[]`, `unknown field "rulez"`},
 	}
 	for _, c := range cases {

@@ -15,6 +15,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -107,6 +108,8 @@ type harness struct {
 	port        int
 	base        string
 	client      *http.Client
+	// justLoaded is set by load and cleared by the next request (see do).
+	justLoaded *atomic.Bool
 }
 
 // newHarness picks a port for the test's site and arranges for Caddy to be
@@ -117,7 +120,7 @@ func newHarness(t testing.TB) *harness {
 		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
 		MaxIdleConnsPerHost: 16,
 	}
-	h := &harness{t: t, port: freePort(t), client: &http.Client{Transport: tr, Timeout: 20 * time.Second}}
+	h := &harness{t: t, port: freePort(t), client: &http.Client{Transport: tr, Timeout: 20 * time.Second}, justLoaded: new(atomic.Bool)}
 	h.base = fmt.Sprintf("http://127.0.0.1:%d", h.port)
 	t.Cleanup(func() {
 		h.closeIdle()
@@ -144,6 +147,7 @@ func (h *harness) load(sites string) {
 	// A reload closes the old servers' idle connections; a POST sent on one
 	// of them before the client notices fails without being retried.
 	h.closeIdle()
+	h.justLoaded.Store(true)
 }
 
 func (h *harness) closeIdle() { h.client.CloseIdleConnections() }
@@ -176,16 +180,18 @@ func truncate(s string, n int) string {
 // do sends req and reads the whole response, failing the test on a
 // transport error.
 //
-// A connection reset before any response is retried once, when the body can
-// be replayed. After a graceful reload, Caddy closes the old server's
-// listening socket, and the kernel resets connections still queued on it:
-// such a request never reached a handler (Caddy and the kernel, not the
-// module). A handler that fails closes its connection without a reset, and
-// still fails the test.
+// The first request after a load may be retried once, when its body can be
+// replayed and its connection was reset or closed before any response.
+// During a graceful reload the old server stops serving the shared
+// listener: the kernel resets connections still queued on the old socket,
+// and the old server closes the ones it accepted last. Such a request never
+// reached a handler (Caddy and the kernel, not the module). Any other
+// request that fails, fails the test.
 func (h *harness) do(req *http.Request) response {
 	h.t.Helper()
 	res, err := h.client.Do(req)
-	if err != nil && errors.Is(err, syscall.ECONNRESET) && (req.Body == nil || req.GetBody != nil) {
+	retryable := h.justLoaded.Swap(false) && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF))
+	if err != nil && retryable && (req.Body == nil || req.GetBody != nil) {
 		retry := req.Clone(req.Context())
 		if req.GetBody != nil {
 			if retry.Body, err = req.GetBody(); err != nil {

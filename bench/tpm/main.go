@@ -147,7 +147,8 @@ func (o options) capacity() float64 {
 
 // result is what one configuration measured.
 type result struct {
-	name string
+	name      string
+	limiterOn bool // configuration (b)
 
 	scheduled int           // arrivals the Poisson schedule produced
 	sent      int           // requests actually sent
@@ -162,6 +163,11 @@ type result struct {
 	badUsage  int   // 2xx bodies whose usage was not tokensPerRequest
 	latencies []time.Duration
 
+	// upstream429At are the times, since the start of arrivals, at which
+	// the client received a 429 written by the upstream itself (recognised
+	// by fakellm's OpenAI-style message), to tell where a leak happens.
+	upstream429At []time.Duration
+
 	upstreamTotal   int // requests that reached fakellm
 	upstreamLimited int // of those, refused by its hidden limit
 
@@ -171,7 +177,7 @@ type result struct {
 // runConfig starts a fresh fakellm and a fresh in-process Caddy, runs the
 // load through them and stops both.
 func runConfig(name string, limiter bool, o options) (result, error) {
-	res := result{name: name}
+	res := result{name: name, limiterOn: limiter}
 	up, err := fakellm.Start(fakellm.Config{
 		TPM:              o.tpm,
 		PromptTokens:     promptTokens,
@@ -310,7 +316,7 @@ func runLoad(res *result, url string, o options) {
 		res.sent++
 		wg.Go(func() {
 			defer func() { <-sem }()
-			one(ctx, client, url, body, res, &mu)
+			one(ctx, client, url, body, start, res, &mu)
 		})
 	}
 
@@ -330,7 +336,7 @@ func runLoad(res *result, url string, o options) {
 }
 
 // one sends a single request, never retrying, and records its outcome.
-func one(ctx context.Context, client *http.Client, url string, body []byte, res *result, mu *sync.Mutex) {
+func one(ctx context.Context, client *http.Client, url string, body []byte, start time.Time, res *result, mu *sync.Mutex) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 	if err != nil {
 		panic(err)
@@ -372,6 +378,9 @@ func one(ctx context.Context, client *http.Client, url string, body []byte, res 
 		res.usage += max(usage, 0)
 	case resp.StatusCode == http.StatusTooManyRequests:
 		res.client429++
+		if bytes.Contains(raw, []byte("Rate limit reached for")) { // fakellm's wording, not the module's
+			res.upstream429At = append(res.upstream429At, time.Since(start))
+		}
 	default:
 		res.other++
 	}
@@ -446,6 +455,13 @@ func report(w io.Writer, o options, results []result) {
 		}
 		if got := r.upstreamTotal - r.upstreamLimited; got != r.ok {
 			notes = append(notes, fmt.Sprintf("the upstream admitted %d requests but the client saw %d 2xx", got, r.ok))
+		}
+		if r.limiterOn && len(r.upstream429At) > 0 {
+			at := make([]string, 0, 5)
+			for _, t := range r.upstream429At[:min(5, len(r.upstream429At))] {
+				at = append(at, fmt.Sprintf("%.3f s", t.Seconds()))
+			}
+			notes = append(notes, fmt.Sprintf("the client got upstream 429s at %s after the start", strings.Join(at, ", ")))
 		}
 		notes = append(notes, fmt.Sprintf("%d requests reached the upstream; the arrival loop ran at most %s behind its schedule",
 			r.upstreamTotal, ms(r.maxLag)))
