@@ -11,7 +11,7 @@
 //
 //	(a) reverse_proxy alone;
 //	(b) llm_rate_limit with one rule set to the upstream's limit
-//	    (limit <tpm> tokens_per_minute), then reverse_proxy.
+//	    (limit <tpm> tokens_per_minute, or -rule-tpm), then reverse_proxy.
 //
 // The load is open-loop: Poisson arrivals at -rate times what the upstream
 // can sustain (tpm/50/60 requests per second), for -duration, with the same
@@ -74,7 +74,8 @@ const prompt = "Summarise the plot of Hamlet in three short sentences for a read
 // options are the command-line flags.
 type options struct {
 	duration    time.Duration // length of the arrival phase
-	tpm         int           // the upstream's hidden limit, and rule (b)'s
+	tpm         int           // the upstream's hidden limit
+	ruleTPM     int           // rule (b)'s limit; 0 means tpm
 	rate        float64       // offered load as a multiple of what the upstream sustains
 	seed        uint64        // seed of the Poisson arrival schedule
 	maxInflight int           // bound on requests in flight; arrivals above it are dropped
@@ -85,13 +86,17 @@ type options struct {
 func main() {
 	var o options
 	flag.DurationVar(&o.duration, "duration", 30*time.Second, "how long arrivals run, per configuration")
-	flag.IntVar(&o.tpm, "tpm", 60000, "the upstream's hidden tokens-per-minute limit (and the limit of rule (b))")
+	flag.IntVar(&o.tpm, "tpm", 60000, "the upstream's hidden tokens-per-minute limit")
+	flag.IntVar(&o.ruleTPM, "rule-tpm", 0, "the limit of rule (b) in tokens per minute (default: -tpm, the upstream's own limit)")
 	flag.Float64Var(&o.rate, "rate", 2.0, "offered load as a multiple of what the upstream sustains (tpm/50/60 requests/s)")
 	flag.Uint64Var(&o.seed, "seed", 1, "seed of the Poisson arrival schedule (the same for both configurations)")
 	flag.IntVar(&o.maxInflight, "max-inflight", 256, "most requests in flight; an arrival above it is dropped by the load generator")
 	flag.DurationVar(&o.timeout, "timeout", 30*time.Second, "per-request timeout")
 	flag.BoolVar(&o.verbose, "v", false, "show Caddy's logs on stderr")
 	flag.Parse()
+	if o.ruleTPM == 0 {
+		o.ruleTPM = o.tpm
+	}
 	if err := o.validate(); err != nil {
 		fmt.Fprintln(os.Stderr, "tpm:", err)
 		os.Exit(2)
@@ -121,8 +126,8 @@ func (o options) validate() error {
 	switch {
 	case o.duration <= 0 || o.duration > time.Hour:
 		return errors.New("-duration must be in (0, 1h]")
-	case o.tpm < tokensPerRequest || o.tpm > 1e9:
-		return fmt.Errorf("-tpm must be in [%d, 1e9]", tokensPerRequest)
+	case o.tpm < tokensPerRequest || o.tpm > 1e9 || o.ruleTPM < tokensPerRequest || o.ruleTPM > 1e9:
+		return fmt.Errorf("-tpm and -rule-tpm must be in [%d, 1e9]", tokensPerRequest)
 	case !(o.rate > 0) || o.rate > 1000:
 		return errors.New("-rate must be in (0, 1000]")
 	case o.maxInflight < 1 || o.maxInflight > 100000:
@@ -221,7 +226,7 @@ func caddyfile(port int, upstream string, limiter bool, o options) string {
 	b.WriteString("}\n\n")
 	fmt.Fprintf(&b, ":%d {\n", port)
 	if limiter {
-		fmt.Fprintf(&b, "\tllm_rate_limit {\n\t\trule upstream-tpm {\n\t\t\tlimit %d tokens_per_minute\n\t\t}\n\t}\n", o.tpm)
+		fmt.Fprintf(&b, "\tllm_rate_limit {\n\t\trule upstream-tpm {\n\t\t\tlimit %d tokens_per_minute\n\t\t}\n\t}\n", o.ruleTPM)
 	}
 	fmt.Fprintf(&b, "\treverse_proxy %s\n}\n", upstream)
 	return b.String()
@@ -408,9 +413,9 @@ func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float
 // report prints the command, the machine and a markdown table of results.
 func report(w io.Writer, o options, results []result) {
 	fmt.Fprintf(w, "\n`go run ./bench/tpm %s`\n\n", strings.Join(os.Args[1:], " "))
-	fmt.Fprintf(w, "Effective flags: -duration %s -tpm %d -rate %g -seed %d -max-inflight %d. "+
+	fmt.Fprintf(w, "Effective flags: -duration %s -tpm %d -rule-tpm %d -rate %g -seed %d -max-inflight %d. "+
 		"Arrivals %.2f req/s (upstream sustains %.2f req/s = %d tokens/s at %d tokens per request).\n\n",
-		o.duration, o.tpm, o.rate, o.seed, o.maxInflight,
+		o.duration, o.tpm, o.ruleTPM, o.rate, o.seed, o.maxInflight,
 		o.arrivalRate(), float64(o.tpm)/tokensPerRequest/60, o.tpm/60, tokensPerRequest)
 	fmt.Fprintf(w, "Machine: %s, nproc %d, CPU %s, GOMAXPROCS %d, load average at the end %s. "+
 		"Load generator, Caddy and the fake upstream share this one process.\n\n",
