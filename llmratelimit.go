@@ -468,8 +468,8 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, d tokens.Dial
 }
 
 // readAll reads at most limit bytes of body. An announced length sizes the
-// first buffer (up to 64 KiB), so a typical body is read with one
-// allocation.
+// first buffer (up to 64 KiB), with the room bytes.Buffer wants for its
+// final read, so a typical body is read with one allocation.
 func readAll(body io.Reader, length, limit int64) ([]byte, error) {
 	if length < 0 || length >= limit {
 		var buf bytes.Buffer
@@ -478,7 +478,7 @@ func readAll(body io.Reader, length, limit int64) ([]byte, error) {
 	}
 	// Trust an announced length only so far: a client must send the bytes
 	// before the module holds memory for them.
-	buf := bytes.NewBuffer(make([]byte, 0, min(length, 64<<10)+1))
+	buf := bytes.NewBuffer(make([]byte, 0, min(length, 64<<10)+bytes.MinRead))
 	_, err := buf.ReadFrom(io.LimitReader(body, limit))
 	return buf.Bytes(), err
 }
