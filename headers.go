@@ -115,7 +115,7 @@ func retryAfterMillis(d time.Duration) string {
 // byte written to the client to a usage watcher, so that the tokens can be
 // settled when the response ends. Nothing is buffered or delayed.
 type headerGuard struct {
-	*caddyhttp.ResponseWriterWrapper
+	caddyhttp.ResponseWriterWrapper
 	wroteHeader bool
 	watch       *usageWatcher
 	dialect     tokens.Dialect

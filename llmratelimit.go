@@ -392,7 +392,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if !out.Allowed {
 		return h.tooMany(w, dialect, x, out.Decision)
 	}
-	guard := &headerGuard{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w}}
+	guard := &headerGuard{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w}}
 	if x.tokenCharges == 0 {
 		return next.ServeHTTP(guard, r)
 	}
