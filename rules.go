@@ -136,6 +136,14 @@ type modelPattern struct {
 	prefix bool
 }
 
+// newModelPattern reads a model name, where a trailing "*" makes a prefix.
+func newModelPattern(s string) modelPattern {
+	if name, ok := strings.CutSuffix(s, "*"); ok {
+		return modelPattern{name: name, prefix: true}
+	}
+	return modelPattern{name: s}
+}
+
 func (m modelPattern) matches(model string) bool {
 	if m.prefix {
 		return strings.HasPrefix(model, m.name)
@@ -236,11 +244,7 @@ func compileRule(zone string, r Rule) (compiledRule, error) {
 			if m == "" {
 				return cr, fmt.Errorf("models: empty model name")
 			}
-			if name, ok := strings.CutSuffix(m, "*"); ok {
-				cr.models = append(cr.models, modelPattern{name: name, prefix: true})
-			} else {
-				cr.models = append(cr.models, modelPattern{name: m})
-			}
+			cr.models = append(cr.models, newModelPattern(m))
 		}
 		keys := make([]string, 0, len(r.When.Metadata))
 		for k := range r.When.Metadata {

@@ -118,11 +118,7 @@ func (c *TokenConfig) compile() (tokenSettings, error) {
 		if m.CompletionTokens > 0 {
 			est.CompletionTokens = m.CompletionTokens
 		}
-		p := modelPattern{name: m.Match}
-		if name, ok := strings.CutSuffix(m.Match, "*"); ok {
-			p = modelPattern{name: name, prefix: true}
-		}
-		ts.models = append(ts.models, modelEstimator{pattern: p, est: est})
+		ts.models = append(ts.models, modelEstimator{pattern: newModelPattern(m.Match), est: est})
 	}
 	return ts, nil
 }
