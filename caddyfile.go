@@ -4,6 +4,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -27,6 +28,9 @@ var shorthands = map[string]string{
 	"tpm": "tokens_per_minute",
 	"tph": "tokens_per_hour",
 	"tpd": "tokens_per_day",
+	// Requests in flight, for a self-hosted server with a fixed number of
+	// slots.
+	"concurrent": "concurrent_requests",
 }
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
@@ -54,11 +58,26 @@ var shorthands = map[string]string{
 //		zone      <name>                  # bucket namespace; default ""
 //		use_handle_errors                 # refusals go to handle_errors
 //
+//		# wait for a turn instead of a 429 (without it, refuse at once)
+//		queue {
+//			max_wait  <duration>          # default 30s; 0 refuses at once
+//			max_depth <n>                 # requests waiting per bucket; default 10000
+//			fair_by   <dimension...>      # fairness subject; default user, else virtualaccount, else team
+//			priority  <placeholder|metadata.KEY> [{   # higher classes first; default 0
+//				<value> <class>           # without a map, the value is read as an integer
+//			}]
+//			weight    <placeholder|metadata.KEY> [{   # a subject's share; default 1
+//				<value> <weight>          # without a map, the value is read as a number
+//			}]
+//		}
+//
 //		# per-model shorthand: a rule with id "model:<name>"
 //		model <name> {
 //			rps|rpm|rph|rpd|tps|tpm|tph|tpd <n> [burst <n>]
+//			concurrent <n>                # requests in flight
 //			applies_per <dimension...>
 //			mode enforce|shadow
+//			queue { max_wait <duration>  max_depth <n> }
 //		}
 //
 //		rule <id> {
@@ -68,8 +87,13 @@ var shorthands = map[string]string{
 //				metadata <key=value ...>                        # all (AND)
 //			}
 //			limit <n> <requests|tokens>_per_<second|minute|hour|day> [burst <n>]
+//			limit <n> concurrent_requests
 //			applies_per <user|team|virtualaccount|model|metadata.KEY ...>
 //			mode enforce|shadow
+//			queue {                       # this rule's buckets only
+//				max_wait  <duration>
+//				max_depth <n>
+//			}
 //		}
 //	}
 //
@@ -132,6 +156,15 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			h.UseHandleErrors = true
+		case "queue":
+			if err := once(name); err != nil {
+				return err
+			}
+			qc, err := parseQueueBlock(d, "queue", false)
+			if err != nil {
+				return err
+			}
+			h.Queue = qc
 		case "tokens":
 			if err := once(name); err != nil {
 				return err
@@ -173,7 +206,113 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if _, err := h.Tokens.compile(); err != nil {
 		return d.Errf("llm_rate_limit: %v", err)
 	}
+	qs, err := h.Queue.compile()
+	if err != nil {
+		return d.Errf("llm_rate_limit: %v", err)
+	}
+	for i := range h.Rules {
+		if _, err := rulePolicy(&h.Rules[i], qs); err != nil {
+			return d.Errf("llm_rate_limit: rule %q: %v", h.Rules[i].ID, err)
+		}
+	}
 	return nil
+}
+
+// parseQueueBlock parses a queue block: the handler's, or a rule's (which
+// takes max_wait and max_depth only).
+func parseQueueBlock(d *caddyfile.Dispenser, what string, rule bool) (*QueueConfig, error) {
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	qc := &QueueConfig{}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		if seen[name] {
+			return nil, d.Errf("%s: %s specified more than once", what, name)
+		}
+		seen[name] = true
+		if rule && name != "max_wait" && name != "max_depth" {
+			return nil, d.Errf("%s: unrecognized option %q: a rule's queue takes max_wait and max_depth; fair_by, priority and weight belong to the handler's queue", what, name)
+		}
+		switch name {
+		case "max_wait":
+			var v string
+			if !d.AllArgs(&v) {
+				return nil, d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(v)
+			if err != nil || dur < 0 {
+				return nil, d.Errf("%s: max_wait %q: want a duration such as 30s, or 0 to refuse at once", what, v)
+			}
+			cd := caddy.Duration(dur)
+			qc.MaxWait = &cd
+		case "max_depth":
+			var v string
+			if !d.AllArgs(&v) {
+				return nil, d.ArgErr()
+			}
+			n, err := strconv.Atoi(v)
+			if err != nil || n <= 0 {
+				return nil, d.Errf("%s: max_depth %q: want a positive whole number", what, v)
+			}
+			qc.MaxDepth = n
+		case "fair_by":
+			qc.FairBy = d.RemainingArgs()
+			if len(qc.FairBy) == 0 {
+				return nil, d.Errf("%s: fair_by needs at least one dimension", what)
+			}
+		case "priority", "weight":
+			var src string
+			if !d.NextArg() {
+				return nil, d.Errf("%s: %s needs a placeholder or metadata.KEY", what, name)
+			}
+			src = d.Val()
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			table := map[string]string{}
+			for mn := d.Nesting(); d.NextBlock(mn); {
+				k := d.Val()
+				var v string
+				if !d.AllArgs(&v) {
+					return nil, d.Errf("%s: %s: want <value> <%s> per line", what, name, map[string]string{"priority": "class", "weight": "weight"}[name])
+				}
+				if _, dup := table[k]; dup {
+					return nil, d.Errf("%s: %s: value %q given twice", what, name, k)
+				}
+				table[k] = v
+			}
+			if name == "priority" {
+				qc.Priority = src
+				for k, v := range table {
+					n, err := strconv.Atoi(v)
+					if err != nil {
+						return nil, d.Errf("%s: priority class of %q: %q is not a whole number", what, k, v)
+					}
+					if qc.PriorityClasses == nil {
+						qc.PriorityClasses = map[string]int{}
+					}
+					qc.PriorityClasses[k] = n
+				}
+			} else {
+				qc.Weight = src
+				for k, v := range table {
+					f, err := strconv.ParseFloat(v, 64)
+					if err != nil {
+						return nil, d.Errf("%s: weight of %q: %q is not a number", what, k, v)
+					}
+					if qc.Weights == nil {
+						qc.Weights = map[string]float64{}
+					}
+					qc.Weights[k] = f
+				}
+			}
+		default:
+			return nil, d.Errf("%s: unrecognized option %q: want max_wait, max_depth, fair_by, priority or weight", what, name)
+		}
+	}
+	return qc, nil
 }
 
 // parseTokensBlock parses the tokens block.
@@ -347,6 +486,12 @@ func parseRuleBlock(d *caddyfile.Dispenser, r *Rule, shorthand bool) error {
 				return d.Errf("%s: applies_per needs at least one dimension", what)
 			}
 			r.AppliesPer = args
+		case name == "queue":
+			qc, err := parseQueueBlock(d, what+": queue", true)
+			if err != nil {
+				return err
+			}
+			r.Queue = qc
 		case name == "mode":
 			var mode string
 			if !d.AllArgs(&mode) {
@@ -358,9 +503,9 @@ func parseRuleBlock(d *caddyfile.Dispenser, r *Rule, shorthand bool) error {
 			r.Mode = mode
 		default:
 			if shorthand {
-				return d.Errf("%s: unrecognized subdirective %q: want rps, rpm, rph, rpd, tps, tpm, tph, tpd, applies_per or mode", what, name)
+				return d.Errf("%s: unrecognized subdirective %q: want rps, rpm, rph, rpd, tps, tpm, tph, tpd, concurrent, applies_per, mode or queue", what, name)
 			}
-			return d.Errf("%s: unrecognized subdirective %q: want when, limit, applies_per or mode", what, name)
+			return d.Errf("%s: unrecognized subdirective %q: want when, limit, applies_per, mode or queue", what, name)
 		}
 	}
 	if len(r.Limits) == 0 {

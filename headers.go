@@ -24,6 +24,12 @@ const (
 	headerLimit     = "X-RateLimit-Limit"
 	headerRemaining = "X-RateLimit-Remaining"
 	headerReset     = "X-RateLimit-Reset"
+	// headerQueueWait says how long a request waited in the queue, in
+	// milliseconds, and headerQueueDepth how many requests were waiting
+	// for the same bucket when it left the queue. Both are on responses to
+	// requests that waited, and on the queue's refusals.
+	headerQueueWait  = "X-Queue-Wait-Ms"
+	headerQueueDepth = "X-Queue-Depth"
 )
 
 // ourHeaders are the fields the guard keeps from duplicating an upstream's,
@@ -53,13 +59,17 @@ func setRateLimitHeaders(h http.Header, now time.Time, x *exchange) {
 		policy = append(policy, a.limit.policy...)
 		policy = append(policy, ";q="...)
 		policy = strconv.AppendInt(policy, a.limit.limit.Count, 10)
-		policy = append(policy, ";w="...)
-		policy = strconv.AppendInt(policy, a.limit.windowSeconds, 10)
 		state = append(state, a.limit.policy...)
 		state = append(state, ";r="...)
 		state = strconv.AppendInt(state, st.Remaining, 10)
-		state = append(state, ";t="...)
-		state = strconv.AppendInt(state, ceilSeconds(st.ResetAfter), 10)
+		// A concurrency limit has no window and no reset time: its quota
+		// comes back when a request in flight ends.
+		if a.limit.windowSeconds > 0 {
+			policy = append(policy, ";w="...)
+			policy = strconv.AppendInt(policy, a.limit.windowSeconds, 10)
+			state = append(state, ";t="...)
+			state = strconv.AppendInt(state, ceilSeconds(st.ResetAfter), 10)
+		}
 
 		// The tightest bucket has the smallest share of its capacity left:
 		// compare remaining/capacity without dividing.

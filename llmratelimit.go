@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -90,6 +91,12 @@ type Handler struct {
 	// and rule id share buckets, across sites and reloads. Default: "".
 	Zone string `json:"zone,omitempty"`
 
+	// Queue makes requests that a limit cannot take at once wait for their
+	// turn, fairly between subjects, instead of being refused. Default:
+	// none, and such requests are refused at once (a rule's own queue block
+	// still applies to that rule).
+	Queue *QueueConfig `json:"queue,omitempty"`
+
 	// UseHandleErrors makes refusals (429, and 413 and 400 for bad bodies)
 	// return a caddyhttp.Error for Caddy's handle_errors routes to answer,
 	// instead of writing the body in the caller's dialect. The rate-limit
@@ -101,8 +108,11 @@ type Handler struct {
 	rules          []compiledRule
 	prefixes       []string
 	hasTokenLimits bool
-	tokens         tokenSettings
-	metrics        *metrics
+	// queues is set when some rule's requests may wait.
+	queues  bool
+	tokens  tokenSettings
+	queue   queueSettings
+	metrics *metrics
 	// state is kept after Cleanup: Caddy cleans up an old configuration
 	// while its last requests may still be in flight, and they must still
 	// find a store.
@@ -138,7 +148,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.rules = rules
+	if h.queue, err = h.Queue.compile(); err != nil {
+		return err
+	}
+	for i := range rules {
+		if rules[i].policy, err = rulePolicy(&h.Rules[i], h.queue); err != nil {
+			return fmt.Errorf("rule %q: %w", rules[i].id, err)
+		}
+	}
 	for _, r := range rules {
+		h.queues = h.queues || r.policy.MaxWait > 0
 		h.prefixes = append(h.prefixes, r.prefix)
 		for _, l := range r.limits {
 			if l.quantity == quantityTokens {
@@ -187,6 +206,17 @@ type exchange struct {
 	applied []applied
 	charges []bucket.Charge
 	states  []bucket.State
+	// policies holds each charge's queue policy, and admission what is
+	// asked of the queue.
+	policies  []bucket.Policy
+	admission bucket.Request
+	// flow is the fairness subject, and weight and priority its share and
+	// class, when a rule may queue.
+	flow     []byte
+	weight   float64
+	priority int
+	// concurrent counts the concurrency limits among the charges.
+	concurrent int
 	// nEnforce is how many of applied/charges/states belong to enforcing
 	// rules; the rest are shadow rules.
 	nEnforce int
@@ -222,7 +252,10 @@ func getExchange() *exchange {
 	x.keys = x.keys[:0]
 	x.applied, x.charges, x.states = x.applied[:0], x.charges[:0], x.states[:0]
 	x.charged, x.adjust = x.charged[:0], x.adjust[:0]
-	x.nEnforce, x.tokenCharges = 0, 0
+	x.policies, x.flow = x.policies[:0], x.flow[:0]
+	x.admission = bucket.Request{}
+	x.weight, x.priority = 1, 0
+	x.nEnforce, x.tokenCharges, x.concurrent = 0, 0, 0
 	x.est, x.promptEst, x.completionEst = tokens.Estimator{}, 0, 0
 	x.body = nil
 	return x
@@ -263,6 +296,10 @@ func (x *exchange) match(rules []compiledRule) {
 					cost = min(x.promptEst+x.completionEst, l.limit.Capacity())
 					x.tokenCharges++
 				}
+				if l.limit.Concurrent() {
+					x.concurrent++
+				}
+				x.policies = append(x.policies, r.policy)
 				x.applied = append(x.applied, applied{rule: r, limit: l})
 				x.charges = append(x.charges, bucket.Charge{Key: x.keys[start:len(x.keys):len(x.keys)], Limit: l.limit, Cost: cost})
 				x.states = append(x.states, bucket.State{})
@@ -277,28 +314,43 @@ func (x *exchange) match(rules []compiledRule) {
 
 // outcome is what decide concluded.
 type outcome struct {
-	bucket.Decision
+	bucket.Result
 	// shadowRefused is the index of the shadow limit that would have refused
 	// the request, or -1.
 	shadowRefused int
 }
 
-// decide charges the request's buckets: the enforcing ones atomically, and
-// then, if the request is admitted, the shadow ones on their own.
+// decide charges the request's buckets: the enforcing ones atomically,
+// through the queue (where the request may wait for its turn), and then, if
+// the request is admitted, the shadow ones on their own, at the time of
+// admission.
 func (h *Handler) decide(ctx context.Context, now time.Time, x *exchange) (outcome, error) {
-	out := outcome{Decision: bucket.Decision{Allowed: true, Limiting: -1}, shadowRefused: -1}
+	out := outcome{Result: bucket.Result{Decision: bucket.Decision{Allowed: true, Limiting: -1}}, shadowRefused: -1}
 	store := h.state.store
 	if x.nEnforce > 0 {
-		d, err := store.Reserve(ctx, now, x.charges[:x.nEnforce], 0, x.states[:x.nEnforce])
+		x.admission = bucket.Request{
+			Charges:  x.charges[:x.nEnforce],
+			States:   x.states[:x.nEnforce],
+			Policies: x.policies[:x.nEnforce],
+			Flow:     x.flow,
+			Weight:   x.weight,
+			Priority: x.priority,
+		}
+		res, err := h.state.queue.Admit(ctx, now, &x.admission)
+		x.admission = bucket.Request{}
 		if err != nil {
 			return out, err
 		}
-		out.Decision = d
-		if d.Allowed {
+		out.Result = res
+		if res.Outcome != bucket.Admitted {
+			out.Allowed = false
+		}
+		if out.Allowed {
 			for i := range x.nEnforce {
 				x.charged[i] = true
 			}
 		}
+		now = now.Add(res.Waited)
 	}
 	shadow := x.charges[x.nEnforce:]
 	if len(shadow) == 0 {
@@ -365,6 +417,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if len(x.charges) == 0 {
 		return next.ServeHTTP(w, r)
 	}
+	if h.queues {
+		h.queueIdentity(r, x)
+	}
 	if x.tokenCharges > 0 && h.tokens.rejectOversize {
 		if i := x.oversize(); i >= 0 {
 			a := x.applied[i]
@@ -388,9 +443,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			zap.String("rule", a.rule.id), zap.String("unit", a.limit.unit),
 			zap.String("model", x.id.model), zap.Duration("retry_after", out.Delay))
 	}
-	setRateLimitHeaders(w.Header(), now, x)
+	if out.Outcome == bucket.Canceled {
+		// The client left while it waited; nothing was charged. 499 is
+		// what Caddy's proxy logs for a client that closed its request.
+		return caddyhttp.Error(499, r.Context().Err())
+	}
+	now = now.Add(out.Waited)
+	hdr := w.Header()
+	setRateLimitHeaders(hdr, now, x)
+	if out.Waited > 0 || out.Outcome != bucket.Admitted && out.Outcome != bucket.Refused {
+		hdr.Set(headerQueueWait, strconv.FormatInt(out.Waited.Milliseconds(), 10))
+		hdr.Set(headerQueueDepth, strconv.Itoa(out.Depth))
+	}
 	if !out.Allowed {
-		return h.tooMany(w, dialect, x, out.Decision)
+		return h.tooMany(w, dialect, x, out.Result)
+	}
+	if x.concurrent > 0 {
+		// A concurrency slot is held until the response ends, however it
+		// ends: reverse_proxy panics when the client leaves mid-stream.
+		defer h.releaseSlots(x)
 	}
 	guard := &headerGuard{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w}}
 	if x.tokenCharges == 0 {
@@ -519,8 +590,36 @@ func (h *Handler) identify(r *http.Request, x *exchange) {
 	}
 }
 
+// queueIdentity resolves the request's fairness subject, weight and
+// priority class.
+func (h *Handler) queueIdentity(r *http.Request, x *exchange) {
+	qs := &h.queue
+	x.flow = qs.appendFlow(x.flow, &x.id)
+	if !qs.priority.set && !qs.weight.set {
+		return
+	}
+	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	x.priority = qs.classOf(r, repl, &x.id)
+	x.weight = qs.weightOf(r, repl, &x.id)
+}
+
+// releaseSlots gives back the concurrency slots the request holds, and lets
+// the next waiting request in.
+func (h *Handler) releaseSlots(x *exchange) {
+	held := make([]bucket.Charge, 0, x.concurrent)
+	for i, c := range x.charges {
+		if x.charged[i] && c.Limit.Concurrent() {
+			held = append(held, c)
+		}
+	}
+	if err := h.state.queue.Release(held); err != nil {
+		h.logger.Error("releasing concurrency slots", zap.Error(err))
+	}
+}
+
 // tooMany answers a refused request.
-func (h *Handler) tooMany(w http.ResponseWriter, d tokens.Dialect, x *exchange, dec bucket.Decision) error {
+func (h *Handler) tooMany(w http.ResponseWriter, d tokens.Dialect, x *exchange, res bucket.Result) error {
+	dec := res.Decision
 	hdr := w.Header()
 	hdr.Set("Retry-After", retryAfterSeconds(dec.Delay))
 	hdr.Set("Retry-After-Ms", retryAfterMillis(dec.Delay))
@@ -529,6 +628,7 @@ func (h *Handler) tooMany(w http.ResponseWriter, d tokens.Dialect, x *exchange, 
 	if a.rule.perText != "" {
 		msg += " per " + a.rule.perText
 	}
+	msg += queueMessage(res, a.rule.policy)
 	msg += fmt.Sprintf("; retry after %s", dec.Delay.Round(time.Millisecond))
 	return h.refuse(w, d, http.StatusTooManyRequests, tokens.ErrRateLimited, a.limit.quantity.String(), msg)
 }

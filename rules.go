@@ -37,6 +37,11 @@ type Rule struct {
 	// Mode is "enforce" (the default) or "shadow". A shadow rule counts,
 	// logs and sets headers, but never refuses a request.
 	Mode string `json:"mode,omitempty"`
+
+	// Queue overrides the handler's queue for this rule's buckets: its
+	// max_wait and max_depth. A rule with a queue block queues even when
+	// the handler has none. Default: the handler's queue, if any.
+	Queue *QueueConfig `json:"queue,omitempty"`
 }
 
 // When is a rule's condition. Its three parts are ANDed; within each list,
@@ -58,8 +63,10 @@ type When struct {
 type Limit struct {
 	// LimitTo is how many requests or tokens the unit's window allows.
 	LimitTo int64 `json:"limit_to"`
-	// Unit is requests_per_{second,minute,hour,day} or
-	// tokens_per_{second,minute,hour,day}.
+	// Unit is requests_per_{second,minute,hour,day},
+	// tokens_per_{second,minute,hour,day}, or concurrent_requests: at most
+	// LimitTo requests in flight at once, each holding its place until its
+	// response ends (normally, in error, or because the client left).
 	Unit string `json:"unit"`
 	// Burst is the bucket's capacity: how much can be spent at once. Default:
 	// LimitTo, the whole window's amount.
@@ -96,6 +103,8 @@ var units = map[string]unitSpec{
 	"tokens_per_minute":   {quantityTokens, time.Minute},
 	"tokens_per_hour":     {quantityTokens, time.Hour},
 	"tokens_per_day":      {quantityTokens, 24 * time.Hour},
+	// No window: a concurrency limit.
+	"concurrent_requests": {quantityRequests, 0},
 }
 
 // unitNames lists the units for error messages.
@@ -180,6 +189,9 @@ type compiledRule struct {
 	prefix string
 	// perText describes the split for messages: "user, model".
 	perText string
+	// policy says how long and how many requests may wait for the rule's
+	// buckets.
+	policy bucket.Policy
 }
 
 // keySep separates the fixed parts of a bucket key. Values taken from the

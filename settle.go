@@ -235,6 +235,9 @@ func (h *Handler) settle(x *exchange, u *usageWatcher, wrote bool, nextErr error
 	if err := h.state.store.Adjust(context.Background(), h.now(), adj); err != nil {
 		h.logger.Error("settling token usage", zap.Error(err))
 	}
+	// A refund frees capacity earlier than the queue planned for: let the
+	// requests waiting for those buckets try again now.
+	h.state.queue.Wake(adj)
 }
 
 // metrics are the module's Prometheus collectors, registered on the Caddy

@@ -27,6 +27,9 @@ const sweepInterval = time.Minute
 // every loaded configuration.
 type sharedState struct {
 	store *bucket.MemoryStore
+	// queue holds the requests waiting for their turn. Requests that wait
+	// across a reload stay in it and are served by the same queue.
+	queue *bucket.Queue
 
 	mu sync.Mutex
 	// refs counts, per rule key prefix, the provisioned handlers whose rules
@@ -39,8 +42,10 @@ type sharedState struct {
 
 func acquireState() (*sharedState, error) {
 	v, _, err := states.LoadOrNew(stateKey, func() (caddy.Destructor, error) {
+		store := bucket.NewMemoryStore()
 		s := &sharedState{
-			store: bucket.NewMemoryStore(),
+			store: store,
+			queue: bucket.NewQueue(store, bucket.SystemClock{}),
 			refs:  make(map[string]int),
 			stop:  make(chan struct{}),
 			done:  make(chan struct{}),

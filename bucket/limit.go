@@ -30,12 +30,16 @@ import (
 	"time"
 )
 
-// Limit is "Count units per Window", with a capacity of Burst units.
+// Limit is "Count units per Window", with a capacity of Burst units, or,
+// with a zero Window, "at most Count units in flight".
 type Limit struct {
 	// Count is how many units (requests or tokens) the window allows: the
-	// rule's limit_to.
+	// rule's limit_to. For a concurrency limit it is how many units may be
+	// held at once.
 	Count int64
 	// Window is the period Count refers to: a second, minute, hour or day.
+	// Zero makes a concurrency limit: a charge holds its units until an
+	// Adjust gives them back, whenever that is.
 	Window time.Duration
 	// Burst is the bucket's capacity: how many units can be spent at once
 	// after a quiet period. Zero means Count, the whole window's amount.
@@ -50,12 +54,24 @@ func (l Limit) Capacity() int64 {
 	return l.Count
 }
 
+// Concurrent reports whether l caps units in flight rather than units per
+// window.
+func (l Limit) Concurrent() bool { return l.Window == 0 }
+
 // Validate reports whether the limit can be enforced.
 func (l Limit) Validate() error {
 	switch {
 	case l.Count <= 0:
 		return fmt.Errorf("limit must be positive, got %d", l.Count)
-	case l.Window <= 0:
+	case l.Concurrent():
+		if l.Burst != 0 {
+			return fmt.Errorf("a concurrency limit has no burst")
+		}
+		if l.Count > maxUnits {
+			return fmt.Errorf("limit %d is larger than %d", l.Count, int64(maxUnits))
+		}
+		return nil
+	case l.Window < 0:
 		return fmt.Errorf("window must be positive, got %s", l.Window)
 	case l.Burst < 0:
 		return fmt.Errorf("burst must not be negative, got %d", l.Burst)
@@ -88,6 +104,28 @@ const maxSpan = int64(math.MaxInt64 / 4)
 // nanosecond, so at 60 requests per minute that is one part in 10⁹.
 func (l Limit) span(n int64) int64 {
 	return mulDiv(n, int64(l.Window), l.Count)
+}
+
+// WaitFor returns how long after a state was observed, elapsed ago, a charge
+// of n units would conform if nothing else were charged meanwhile. It is the
+// prediction a queue makes for a request that has n units ahead of it
+// (its own included). A concurrency limit's wait cannot be predicted from
+// its state, and WaitFor returns 0 for it.
+func (l Limit) WaitFor(st State, elapsed time.Duration, n int64) time.Duration {
+	if l.Concurrent() || n <= 0 {
+		return 0
+	}
+	backlog := max(int64(st.ResetAfter-elapsed), 0)
+	return time.Duration(max(backlog+l.span(n)-l.tolerance(), 0))
+}
+
+// Interval returns the time one unit takes to drain: the service interval of
+// a queue in front of the bucket. It is 0 for a concurrency limit.
+func (l Limit) Interval() time.Duration {
+	if l.Concurrent() {
+		return 0
+	}
+	return time.Duration(max(l.span(1), 1))
 }
 
 // tolerance returns how far ahead of now the TAT may be after a charge: the

@@ -40,7 +40,8 @@ type memoryShard struct {
 // memoryBucket is a bucket's whole state.
 type memoryBucket struct {
 	// tat is the theoretical arrival time in Unix nanoseconds: when the
-	// bucket will be full again.
+	// bucket will be full again. For a concurrency limit it is instead the
+	// number of units held.
 	tat int64
 	// count and window are the limit tat was computed under, so that a
 	// changed limit can be applied to the existing level (see rescale).
@@ -168,7 +169,19 @@ func (c *call) bucketRef(i int) **memoryBucket {
 // last charged under another one.
 func (c *call) load(i int, ch *Charge) {
 	b := c.shardOf(i).buckets[string(ch.Key)]
-	if b != nil && (b.count != ch.Limit.Count || b.window != ch.Limit.Window) {
+	if b != nil && (b.window == 0) != ch.Limit.Concurrent() {
+		// The key was last used under the other kind of limit, whose state
+		// means nothing to this one: it starts empty (a rate bucket full, a
+		// concurrency bucket holding nothing).
+		b.tat, b.count, b.window = 0, ch.Limit.Count, ch.Limit.Window
+		if !ch.Limit.Concurrent() {
+			b.tat = c.now
+		}
+	}
+	if b != nil && ch.Limit.Concurrent() {
+		// What is held stays held, whatever the new limit says.
+		b.count = ch.Limit.Count
+	} else if b != nil && (b.count != ch.Limit.Count || b.window != ch.Limit.Window) {
 		b.tat = c.now + rescale(b.tat-c.now, Limit{Count: b.count, Window: b.window}, ch.Limit)
 		b.count, b.window = ch.Limit.Count, ch.Limit.Window
 	}
@@ -181,6 +194,36 @@ func (c *call) tat(i int) int64 {
 		return b.tat
 	}
 	return c.now
+}
+
+// held returns the units held in charge i's concurrency bucket.
+func (c *call) held(i int) int64 {
+	if b := *c.bucketRef(i); b != nil {
+		return b.tat
+	}
+	return 0
+}
+
+// setHeld writes the units held in charge i's concurrency bucket. A bucket
+// that holds nothing is dropped, like a full rate bucket.
+func (c *call) setHeld(i int, ch *Charge, n int64) {
+	ref := c.bucketRef(i)
+	switch {
+	case n <= 0 && *ref != nil:
+		delete(c.shardOf(i).buckets, string(ch.Key))
+		*ref = nil
+	case n <= 0:
+	case *ref != nil:
+		(*ref).tat = n
+	default:
+		*ref = &memoryBucket{tat: n, count: ch.Limit.Count}
+		c.shardOf(i).buckets[string(ch.Key)] = *ref
+	}
+}
+
+// concurrentState reports a concurrency bucket's free units.
+func concurrentState(held int64, l Limit) State {
+	return State{Remaining: max(l.Count-held, 0)}
 }
 
 // setTAT writes charge i's new TAT, creating the bucket if needed. A TAT at
@@ -210,6 +253,11 @@ func (c *call) setTAT(i int, ch *Charge, tat int64) {
 // A charge larger than the whole capacity could never conform this way; it
 // conforms instead once the bucket is full, and leaves the bucket in debt.
 //
+// A concurrency limit admits a charge while what it holds plus the charge is
+// within its count (or, for a charge larger than the count, while it holds
+// nothing). When one is full the request is refused whatever maxWait says,
+// since no time can be predicted for a release, and Limiting names it.
+//
 // Stale timestamps cannot over-admit, for two reasons. The store's clock
 // never runs backwards (see clock), so a stale time is read as the latest one.
 // And even on its own, the algorithm is safe: every admission moves some TAT forward
@@ -235,8 +283,16 @@ func (s *MemoryStore) Reserve(_ context.Context, now time.Time, charges []Charge
 	}
 	d := Decision{Limiting: -1}
 	var wait int64
+	full := -1
 	for i := range charges {
 		l := &charges[i].Limit
+		if l.Concurrent() {
+			spans, tols = append(spans, 0), append(tols, 0)
+			if h := c.held(i); full < 0 && charges[i].Cost > 0 && h > 0 && h+charges[i].Cost > l.Count {
+				full = i
+			}
+			continue
+		}
 		sp, tol := l.span(charges[i].Cost), l.tolerance()
 		spans, tols = append(spans, sp), append(tols, tol)
 		if w := conformsAfter(c.now, c.tat(i), sp, tol); w > wait {
@@ -244,9 +300,23 @@ func (s *MemoryStore) Reserve(_ context.Context, now time.Time, charges []Charge
 		}
 	}
 	d.Delay = time.Duration(wait)
-	d.Allowed = wait <= int64(maxWait)
+	d.Allowed = full < 0 && wait <= int64(maxWait)
+	if full >= 0 {
+		d.Limiting = full
+	}
 	for i := range charges {
 		ch := &charges[i]
+		if ch.Limit.Concurrent() {
+			h := c.held(i)
+			if d.Allowed {
+				h += ch.Cost
+				c.setHeld(i, ch, h)
+			}
+			if states != nil {
+				states[i] = concurrentState(h, ch.Limit)
+			}
+			continue
+		}
 		tat := c.tat(i)
 		if d.Allowed {
 			tat = advance(tat, c.now, spans[i])
@@ -298,6 +368,12 @@ func (s *MemoryStore) Adjust(_ context.Context, now time.Time, charges []Charge)
 	defer c.end()
 	for i := range charges {
 		ch := &charges[i]
+		if ch.Limit.Concurrent() {
+			// Giving back more than is held (a release after a reload
+			// rescaled nothing, or a double release) cannot go below zero.
+			c.setHeld(i, ch, c.held(i)+ch.Cost)
+			continue
+		}
 		tat := c.tat(i)
 		switch {
 		case ch.Cost > 0:
@@ -317,6 +393,10 @@ func (s *MemoryStore) Peek(_ context.Context, now time.Time, charges []Charge, s
 	s.begin(&c, now, charges)
 	defer c.end()
 	for i := range charges {
+		if l := charges[i].Limit; l.Concurrent() {
+			states[i] = concurrentState(c.held(i), l)
+			continue
+		}
 		states[i] = stateOf(c.now, c.tat(i), charges[i].Limit.tolerance(), charges[i].Limit)
 	}
 	return nil
@@ -349,7 +429,9 @@ func (s *MemoryStore) Sweep(now time.Time) int {
 		sh := &s.shards[i]
 		sh.mu.Lock()
 		for k, b := range sh.buckets {
-			if b.tat <= t {
+			// A concurrency bucket (no window) is dropped as soon as it
+			// holds nothing, so the ones here are all in use.
+			if b.window != 0 && b.tat <= t {
 				delete(sh.buckets, k)
 				n++
 			}

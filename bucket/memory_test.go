@@ -64,7 +64,8 @@ func TestLimitValidate(t *testing.T) {
 	}{
 		{bucket.Limit{Count: 1, Window: time.Second}, true},
 		{bucket.Limit{Count: 0, Window: time.Second}, false},
-		{bucket.Limit{Count: 1, Window: 0}, false},
+		{bucket.Limit{Count: 1, Window: 0}, true}, // a concurrency limit
+		{bucket.Limit{Count: 1, Window: -1}, false},
 		{bucket.Limit{Count: 1, Window: time.Second, Burst: -1}, false},
 		{bucket.Limit{Count: 2e12, Window: time.Second}, false},
 	} {
