@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"math"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -256,8 +255,3 @@ func queueMessage(res bucket.Result, p bucket.Policy) string {
 	}
 	return ""
 }
-
-// validQueueOutcome lists the outcomes that refuse a request.
-var refusals = []bucket.Outcome{bucket.Refused, bucket.Predicted, bucket.TimedOut, bucket.QueueFull}
-
-func isRefusal(o bucket.Outcome) bool { return slices.Contains(refusals, o) }

@@ -469,7 +469,7 @@ func newWaiter(now time.Time, r *Request, at int) *waiter {
 	w := &waiter{
 		charges:  make([]Charge, len(r.Charges)),
 		states:   make([]State, len(r.Charges)),
-		policies: r.Policies,
+		policies: append([]Policy(nil), r.Policies...),
 		flowKey:  string(r.Flow),
 		weight:   r.Weight,
 		priority: r.Priority,

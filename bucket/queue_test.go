@@ -719,3 +719,62 @@ func TestQueueNewcomersDoNotOvertake(t *testing.T) {
 		t.Fatalf("got %d", r.id)
 	}
 }
+
+// A closed-loop flooder (each admitted request is followed at once by the
+// next) with a light user arriving now and then: every light request waits
+// at most about one interval.
+func TestQueueLightUserBehindClosedLoop(t *testing.T) {
+	h := newQueueHarness(t)
+	lim := Limit{Count: 120, Window: time.Minute, Burst: 10}
+	ch := []Charge{{Key: []byte("b"), Limit: lim, Cost: 1}}
+	pol := Policy{MaxWait: time.Minute}
+	next := 0
+	for ; next < 16; next++ {
+		h.submit(next, req{flow: "heavy", charges: ch, policy: pol})
+	}
+	step := 100 * time.Millisecond
+	var worst time.Duration
+	for i := 0; i < 600; i++ {
+		if i%20 == 7 {
+			h.submit(100000+i, req{flow: "light", charges: ch, policy: pol})
+		}
+		h.clock.Advance(step)
+		// Collect what was admitted; resubmit heavy ones.
+		for {
+			var r queueResult
+			select {
+			case r = <-h.results:
+			case <-time.After(5 * time.Millisecond):
+				r.id = -1
+			}
+			if r.id == -1 {
+				break
+			}
+			if r.res.Outcome != Admitted {
+				t.Fatalf("request %d: %v", r.id, r.res.Outcome)
+			}
+			if r.id >= 100000 {
+				worst = max(worst, r.res.Waited)
+			} else {
+				h.submit(next, req{flow: "heavy", charges: ch, policy: pol})
+				next++
+			}
+		}
+	}
+	t.Logf("worst light wait %s", worst)
+	if worst > 600*time.Millisecond {
+		t.Errorf("a light request waited %s", worst)
+	}
+	// Drain.
+	for h.q.Len() > 0 {
+		h.clock.Advance(time.Second)
+		for {
+			select {
+			case <-h.results:
+				continue
+			case <-time.After(5 * time.Millisecond):
+			}
+			break
+		}
+	}
+}

@@ -66,6 +66,7 @@ func TestExamplesAdapt(t *testing.T) {
 	want := map[string][]string{
 		"Caddyfile":                   {"model:gpt-4o", "demo-per-user"},
 		"seed000-per-model.Caddyfile": {"model:gpt-4", "model:gpt-4o", "model:llama3*"},
+		"queue.Caddyfile":             {"model:gpt-4o", "local-gpu"},
 		"seed003-rules.Caddyfile": {"bob-gpt4-daily", "backend-gpt4-tokens", "va1-gpt4-tokens", "per-model-daily",
 			"per-user-daily", "per-user-model-daily", "per-project-hourly", "production-requests"},
 	}
@@ -438,5 +439,44 @@ func TestExampleSeed003Rules(t *testing.T) {
 	}
 	if withKey != admitted {
 		t.Errorf("upstream got the Authorization header unchanged on %d requests, want %d", withKey, admitted)
+	}
+}
+
+// The queue example: a burst larger than the gpt-4o bucket waits instead of
+// being refused, and the self-hosted model never has more than four
+// requests in flight, so its server (which answers 503 above four) refuses
+// none.
+func TestExampleQueue(t *testing.T) {
+	h, up := loadSeedExample(t, "queue.Caddyfile", fakellm.Config{MaxConcurrent: 4, StreamChunks: 3, ChunkDelay: 10 * time.Millisecond})
+	rs := h.parallel(12, "alice", "X-Priority", "interactive")
+	for i, r := range rs {
+		if r.err != nil || r.status != 200 {
+			t.Fatalf("gpt-4o request %d: %v %v", i, r.err, r.response)
+		}
+	}
+	out := make([]queued, 16)
+	var wg sync.WaitGroup
+	for i := range out {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			out[i] = h.sendModel("llama3.1-8b", fmt.Sprint("u", i%3))
+		}()
+	}
+	wg.Wait()
+	waited := 0
+	for i, r := range out {
+		if r.err != nil || r.status != 200 {
+			t.Fatalf("llama request %d: %v %v", i, r.err, r.response)
+		}
+		if queueWait(r) > 0 {
+			waited++
+		}
+	}
+	if total, limited := up.Counts(); limited != 0 || total != 28 {
+		t.Fatalf("upstream saw %d requests and refused %d, want 28 and 0", total, limited)
+	}
+	if waited == 0 {
+		t.Errorf("no llama request waited for a slot")
 	}
 }

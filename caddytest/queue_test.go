@@ -23,11 +23,20 @@ type queued struct {
 	user    string
 }
 
-// send posts a chat completion as user without failing the test from a
-// goroutine; errors come back in the result.
+// send posts a gpt-4o chat completion as user without failing the test
+// from a goroutine; errors come back in the result.
 func (h *harness) send(ctx context.Context, user string, hdr ...string) queued {
+	return h.sendModelCtx(ctx, "gpt-4o", user, hdr...)
+}
+
+// sendModel is send for another model.
+func (h *harness) sendModel(model, user string, hdr ...string) queued {
+	return h.sendModelCtx(context.Background(), model, user, hdr...)
+}
+
+func (h *harness) sendModelCtx(ctx context.Context, model, user string, hdr ...string) queued {
 	start := time.Now()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, h.base+"/v1/chat/completions", strings.NewReader(chatBody("gpt-4o")))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, h.base+"/v1/chat/completions", strings.NewReader(chatBody(model)))
 	if err != nil {
 		return queued{err: err}
 	}
