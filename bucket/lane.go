@@ -49,6 +49,16 @@ type class struct {
 	vtime float64
 	// units is the sum of the costs waiting in the class.
 	units int64
+	// idle keeps the counters of flows that stopped waiting ahead of the
+	// virtual time, so that a flow that comes straight back (a client
+	// that sends its next request as soon as one is admitted) resumes its
+	// counter rather than the virtual time: otherwise it would never be
+	// charged for its service. Entries at or behind the virtual time say
+	// nothing and are pruned.
+	idle map[string]float64
+	// seq numbers flows as they start waiting, to break ties between
+	// equal counters in order of arrival.
+	seq uint64
 }
 
 // flow is one subject's waiting requests in a class.
@@ -59,13 +69,16 @@ type flow struct {
 	weight  float64
 	waiters []*waiter
 	units   int64
-	index   int // in the class's heap
+	index   int    // in the class's heap
+	seq     uint64 // when it started waiting, for ties
 }
 
 type flowHeap []*flow
 
 func (h flowHeap) Len() int           { return len(h) }
-func (h flowHeap) Less(i, j int) bool { return h[i].counter < h[j].counter }
+func (h flowHeap) Less(i, j int) bool {
+	return h[i].counter < h[j].counter || h[i].counter == h[j].counter && h[i].seq < h[j].seq
+}
 func (h flowHeap) Swap(i, j int) {
 	h[i], h[j] = h[j], h[i]
 	h[i].index, h[j].index = i, j
@@ -95,7 +108,7 @@ func (ln *lane) class(p int) *class {
 	if found {
 		return ln.classes[i]
 	}
-	c := &class{priority: p, flows: make(map[string]*flow)}
+	c := &class{priority: p, flows: make(map[string]*flow), idle: make(map[string]float64)}
 	ln.classes = slices.Insert(ln.classes, i, c)
 	return c
 }
@@ -111,7 +124,7 @@ func (ln *lane) enqueue(q *Queue, w *waiter, now time.Time) (Result, bool) {
 		wait := ln.predict(c, f, w.weight, flowUnits(f), ch.Cost, now)
 		w.predicted = now.Sub(w.arrived) + wait
 		if now.Add(wait).After(w.deadline) {
-			res := Result{Decision: Decision{Delay: wait, Limiting: w.at}, Outcome: Predicted, Depth: ln.depth}
+			res := Result{Decision: Decision{Delay: wait, Limiting: w.at}, Outcome: Predicted, Waited: now.Sub(w.arrived), Depth: ln.depth}
 			ln.dropEmpty(c)
 			return res, false
 		}
@@ -119,19 +132,25 @@ func (ln *lane) enqueue(q *Queue, w *waiter, now time.Time) (Result, bool) {
 	if pol := w.policies[w.at]; pol.MaxDepth > 0 && ln.depth >= pol.MaxDepth {
 		victim := ln.evictable(c, f)
 		if victim == nil {
-			res := Result{Decision: Decision{Delay: ln.predict(c, f, w.weight, flowUnits(f), ch.Cost, now), Limiting: w.at}, Outcome: QueueFull, Depth: ln.depth}
+			res := Result{Decision: Decision{Delay: ln.predict(c, f, w.weight, flowUnits(f), ch.Cost, now), Limiting: w.at}, Outcome: QueueFull, Waited: now.Sub(w.arrived), Depth: ln.depth}
 			ln.dropEmpty(c)
 			return res, false
 		}
 		res := ln.refusal(victim, QueueFull, now)
+		wasPick := ln.pick() == victim
 		ln.remove(victim)
 		victim.finish(res)
+		if wasPick && !ln.dispatching && ln.timer != nil {
+			q.arm(ln, now)
+		}
 		// The victim may have been the last of its class: look again.
 		c = ln.class(w.priority)
 		f = c.flows[w.flowKey]
 	}
 	if f == nil {
-		f = &flow{key: w.flowKey, counter: c.vtime, index: -1}
+		c.seq++
+		f = &flow{key: w.flowKey, counter: max(c.vtime, c.idle[w.flowKey]), index: -1, seq: c.seq}
+		delete(c.idle, w.flowKey)
 		c.flows[w.flowKey] = f
 	}
 	f.weight = w.weight
@@ -240,10 +259,28 @@ func (ln *lane) remove(w *waiter) {
 	ln.depth--
 	switch {
 	case len(f.waiters) == 0:
-		// A flow that waits no more is forgotten: when it comes back it
-		// starts from the virtual time, with no credit for the pause.
+		// A flow that waits no more leaves the backlog. When it comes back
+		// it starts from the virtual time, so a pause earns no credit, or
+		// from its own counter if that is still ahead.
 		heap.Remove(&c.backlog, f.index)
 		delete(c.flows, f.key)
+		if f.counter > c.vtime {
+			c.idle[f.key] = f.counter
+			if bound := 2*len(c.backlog) + 64; len(c.idle) > bound {
+				for k, v := range c.idle {
+					if v <= c.vtime {
+						delete(c.idle, k)
+					}
+				}
+				if len(c.idle) > bound {
+					// The virtual time has stalled (many flows served
+					// once each): forget them all rather than scan on
+					// every removal. The cost is a turn out of order for
+					// a flow that comes back.
+					clear(c.idle)
+				}
+			}
+		}
 		ln.dropEmpty(c)
 	default:
 		heap.Fix(&c.backlog, f.index)
@@ -279,7 +316,9 @@ func (ln *lane) predict(c *class, f *flow, weight float64, before, cost int64, n
 	if ln.concurrent {
 		return ln.predictConcurrent(c, before+cost)
 	}
-	ahead := before + cost
+	// A request larger than the bucket conforms once the bucket is full,
+	// so it needs no more than the capacity's span of its own.
+	ahead := before + min(cost, ln.limit.Capacity())
 	for _, hc := range ln.classes {
 		if hc.priority > c.priority {
 			ahead += hc.units

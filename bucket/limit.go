@@ -119,6 +119,29 @@ func (l Limit) WaitFor(st State, elapsed time.Duration, n int64) time.Duration {
 	return time.Duration(max(backlog+l.span(n)-l.tolerance(), 0))
 }
 
+// BlockUnits returns how many units to charge a bucket in state st so that
+// it admits nothing for the next d: what an upstream's Retry-After asks of
+// the bucket that stands for it. It is 0 when the bucket already waits that
+// long, and for a concurrency limit.
+func (l Limit) BlockUnits(st State, d time.Duration) int64 {
+	if l.Concurrent() || d <= 0 {
+		return 0
+	}
+	// A unit conforms once the TAT is within tolerance − span(1) of now;
+	// the TAT must reach d past that.
+	target := min(int64(d)+l.tolerance()-l.span(1), maxSpan)
+	short := target - max(int64(st.ResetAfter), 0)
+	if short <= 0 {
+		return 0
+	}
+	// Units whose spans cover short, rounded up.
+	n := l.unitsWithin(short)
+	if l.span(n) < short {
+		n++
+	}
+	return min(n, int64(maxUnits))
+}
+
 // Interval returns the time one unit takes to drain: the service interval of
 // a queue in front of the bucket. It is 0 for a concurrency limit.
 func (l Limit) Interval() time.Duration {

@@ -140,6 +140,9 @@ type Queue struct {
 	nlanes atomic.Int64
 	// joined counts the requests that ever joined a lane.
 	joined atomic.Uint64
+	// wakes counts Wake calls, so that Admit can tell that capacity was
+	// freed between its store call and the creation of its lane.
+	wakes atomic.Uint64
 	mu     sync.Mutex
 	lanes  map[string]*lane
 }
@@ -161,6 +164,7 @@ func (q *Queue) Admit(ctx context.Context, now time.Time, r *Request) (Result, e
 			return q.wait(ctx, w, r)
 		}
 	}
+	wakes := q.wakes.Load()
 	d, err := q.store.Reserve(ctx, now, r.Charges, 0, r.States)
 	if err != nil || d.Allowed {
 		return Result{Decision: d, Outcome: Admitted}, err
@@ -175,21 +179,30 @@ func (q *Queue) Admit(ctx context.Context, now time.Time, r *Request) (Result, e
 		return Result{Decision: d, Outcome: Predicted}, nil
 	}
 	w := newWaiter(now, r, d.Limiting)
+	w.tried = true // r.States are the store's
 	q.mu.Lock()
 	ln, fresh := q.lane(w.key())
 	if fresh {
 		ln.observe(r.States[d.Limiting], now)
 	}
 	if res, ok := ln.enqueue(q, w, now); !ok {
+		// A lane made for this request alone must not stay behind empty.
+		q.retire(ln)
 		q.mu.Unlock()
 		copy(r.States, w.states)
 		return res, nil
 	}
+	woken := q.wakes.Load() != wakes
 	if fresh {
 		q.arm(ln, now.Add(d.Delay))
 	}
 	q.joined.Add(1)
 	q.mu.Unlock()
+	if woken {
+		// Capacity freed after the store refused us, before the lane
+		// existed for Wake to find: try again now.
+		q.dispatch(ln)
+	}
 	return q.wait(ctx, w, r)
 }
 
@@ -232,6 +245,10 @@ func (q *Queue) wait(ctx context.Context, w *waiter, r *Request) (Result, error)
 	}
 	t.Stop()
 	copy(r.States, w.states)
+	if !w.tried {
+		// Nothing asked the store for this request's states: look.
+		q.store.Peek(context.Background(), q.clock.Now(), r.Charges, r.States)
+	}
 	if res.Outcome == Admitted && ctx.Err() != nil {
 		// Admitted as the caller left: give the charges back.
 		q.Release(r.Charges)
@@ -248,9 +265,16 @@ func (q *Queue) withdraw(w *waiter, why Outcome) Result {
 	switch w.state {
 	case waiterQueued:
 		ln := w.lane
-		res := ln.refusal(w, why, q.clock.Now())
+		now := q.clock.Now()
+		res := ln.refusal(w, why, now)
+		wasPick := ln.pick() == w
 		ln.remove(w)
 		q.retire(ln)
+		if wasPick && !ln.dead && !ln.dispatching {
+			// The timer was set for what w needed: the next pick may
+			// need less.
+			q.arm(ln, now)
+		}
 		q.mu.Unlock()
 		return res
 	case waiterReserving:
@@ -276,6 +300,7 @@ func (q *Queue) Release(charges []Charge) error {
 // Wake tells the lanes of these buckets that capacity may have freed: a
 // concurrency slot was released or a token estimate was refunded.
 func (q *Queue) Wake(charges []Charge) {
+	q.wakes.Add(1)
 	if q.nlanes.Load() == 0 {
 		return
 	}
@@ -374,6 +399,7 @@ func (q *Queue) dispatch(ln *lane) {
 		d, err := q.store.Reserve(context.Background(), now, w.charges, 0, w.states)
 		q.mu.Lock()
 		w.state = waiterQueued
+		w.tried = true
 		if err != nil {
 			// The store failed. The waiter's caller decides what that means
 			// (the module lets the request through); the queue keeps going.
@@ -389,8 +415,9 @@ func (q *Queue) dispatch(ln *lane) {
 			ln.remove(w)
 			w.finish(Result{Decision: d, Outcome: Admitted, Waited: now.Sub(w.arrived), Depth: ln.depth, Predicted: w.predicted})
 		case w.leaving != 0:
+			res := ln.refusal(w, w.leaving, now)
 			ln.remove(w)
-			w.finish(ln.refusal(w, w.leaving, now))
+			w.finish(res)
 		case d.Limiting == w.at:
 			// The lane's bucket is not ready: try again when it is, unless
 			// something freed capacity while the store was asked.
@@ -427,6 +454,7 @@ func (q *Queue) move(w *waiter, d Decision, now time.Time) {
 	}
 	if res, ok := ln.enqueue(q, w, now); !ok {
 		w.finish(res)
+		q.retire(ln)
 		return
 	}
 	if fresh {
@@ -449,6 +477,8 @@ type waiter struct {
 	deadline time.Time
 
 	predicted time.Duration
+	// tried is set once the store has filled states.
+	tried     bool
 	state     waiterState
 	leaving   Outcome
 	lane      *lane
