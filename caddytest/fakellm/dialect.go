@@ -31,6 +31,7 @@ type apiError struct {
 	message    string
 	limitType  string        // for 429: "requests" or "tokens"
 	retryAfter time.Duration // for 429
+	retryHint  bool          // for 429: put retryAfter in the body, if the dialect does
 }
 
 // op answers one admitted, parsed request.

@@ -19,14 +19,15 @@ var geminiStatus = map[int]string{
 }
 
 // writeError renders {"error":{"code","message","status"}}, with a
-// RetryInfo detail on 429s as the real API sends.
+// RetryInfo detail on 429s as the real API sends, unless e.retryHint is
+// off (Config.NoRetryAfter).
 func (gemini) writeError(w http.ResponseWriter, e apiError) {
 	body := obj{
 		"code":    e.status,
 		"message": e.message,
 		"status":  geminiStatus[e.status],
 	}
-	if e.status == http.StatusTooManyRequests {
+	if e.status == http.StatusTooManyRequests && e.retryHint {
 		body["details"] = []obj{{
 			"@type":      "type.googleapis.com/google.rpc.RetryInfo",
 			"retryDelay": fmt.Sprintf("%ds", retrySeconds(e.retryAfter)),

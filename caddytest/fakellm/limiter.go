@@ -179,6 +179,34 @@ func (l *limiter) admit(now time.Time, cost int) decision {
 	return d
 }
 
+// setLimits changes the buckets' limits at now: see Server.SetLimits.
+func (l *limiter) setLimits(now time.Time, rpm, burst, tpm int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.requests = l.requests.resize(now, rpm, burst)
+	l.tokens = l.tokens.resize(now, tpm, tpm)
+}
+
+// resize returns b with a new limit and capacity, keeping the tokens it
+// holds at now up to the new capacity; nil when perMinute is 0, and a full
+// new bucket when b is nil. A bucket never used keeps starting full.
+func (b *bucket) resize(now time.Time, perMinute, capacity int) *bucket {
+	switch {
+	case perMinute == 0:
+		return nil
+	case b == nil:
+		return newBucket(perMinute, capacity)
+	}
+	if !b.last.IsZero() {
+		b.refill(now) // at the old rate, up to now
+	}
+	b.limit = perMinute
+	b.capacity = float64(capacity)
+	b.rate = float64(perMinute) / 60
+	b.tokens = math.Min(b.tokens, b.capacity)
+	return b
+}
+
 // reset refills both buckets.
 func (l *limiter) reset() {
 	l.mu.Lock()

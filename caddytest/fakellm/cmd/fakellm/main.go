@@ -24,6 +24,11 @@ func main() {
 	flag.IntVar(&cfg.TPM, "tpm", 0, "hidden tokens-per-minute limit (0 = unlimited)")
 	flag.IntVar(&cfg.MaxConcurrent, "max-concurrent", 0, "requests in flight before answering 503 (0 = unlimited)")
 	flag.BoolVar(&cfg.RateLimitHeaders, "headers", false, "send provider rate-limit and retry-after headers")
+	flag.BoolVar(&cfg.RetryAfterOnly, "retry-after-only", false, "send retry-after on 429s and busy 503s, but no rate-limit headers")
+	flag.BoolVar(&cfg.NoRetryAfter, "no-retry-after", false, "with -headers: no retry-after on 429s (nor RetryInfo in Gemini bodies)")
+	flag.Float64Var(&cfg.FailRate, "fail-rate", 0, "fraction of requests answered with an injected 503 (0..1)")
+	flag.Float64Var(&cfg.HangRate, "hang-rate", 0, "fraction of requests that hang until the client leaves (0..1)")
+	flag.Uint64Var(&cfg.Seed, "seed", 0, "seed of the generator choosing failed and hung requests")
 	flag.IntVar(&cfg.PromptTokens, "prompt-tokens", 0, "prompt tokens reported in usage (0 = body length/4)")
 	flag.IntVar(&cfg.CompletionTokens, "completion-tokens", 0, "completion tokens reported in usage (0 = 10)")
 	flag.IntVar(&cfg.StreamChunks, "chunks", 0, "content chunks per stream (0 = 3)")
@@ -49,4 +54,7 @@ func main() {
 	}
 	total, limited := s.Counts()
 	fmt.Printf("requests %d, refused by limits %d\n", total, limited)
+	st := s.Stats()
+	log.Printf("fakellm: ok %d, limited %d, busy %d, failed %d, hung %d, other %d",
+		st.OK, st.Limited, st.Busy, st.Failed, st.Hung, st.Other)
 }
