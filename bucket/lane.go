@@ -75,7 +75,7 @@ type flow struct {
 
 type flowHeap []*flow
 
-func (h flowHeap) Len() int           { return len(h) }
+func (h flowHeap) Len() int { return len(h) }
 func (h flowHeap) Less(i, j int) bool {
 	return h[i].counter < h[j].counter || h[i].counter == h[j].counter && h[i].seq < h[j].seq
 }

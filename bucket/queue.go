@@ -143,8 +143,8 @@ type Queue struct {
 	// wakes counts Wake calls, so that Admit can tell that capacity was
 	// freed between its store call and the creation of its lane.
 	wakes atomic.Uint64
-	mu     sync.Mutex
-	lanes  map[string]*lane
+	mu    sync.Mutex
+	lanes map[string]*lane
 }
 
 // NewQueue returns a queue in front of store.
@@ -478,13 +478,13 @@ type waiter struct {
 
 	predicted time.Duration
 	// tried is set once the store has filled states.
-	tried     bool
-	state     waiterState
-	leaving   Outcome
-	lane      *lane
-	flow      *flow
-	done      chan Result
-	err       error
+	tried   bool
+	state   waiterState
+	leaving Outcome
+	lane    *lane
+	flow    *flow
+	done    chan Result
+	err     error
 }
 
 type waiterState uint8
