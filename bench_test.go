@@ -38,7 +38,7 @@ func BenchmarkDecision(b *testing.B) {
 		x := getExchange()
 		x.id.user, x.id.team, x.id.model = benchIdentity.user, benchIdentity.team, benchIdentity.model
 		x.id.metadata = append(x.id.metadata, benchIdentity.metadata...)
-		x.match(h.rules)
+		x.match(h.rules, nil)
 		out, _ := h.decide(ctx, now.Add(time.Duration(i)), x)
 		if !out.Allowed || len(x.charges) != 3 {
 			b.Fatalf("decision %+v over %d charges", out, len(x.charges))

@@ -71,6 +71,13 @@ var shorthands = map[string]string{
 //			}]
 //		}
 //
+//		# learn the upstream's limits from its answers, and retry its refusals
+//		adaptive {
+//			retries         <n>           # sends after the first; default 3
+//			attempt_timeout <duration>    # wait for a response to begin; default none
+//			attempts_header <name>        # tells the client how many attempts it took
+//		}
+//
 //		# per-model shorthand: a rule with id "model:<name>"
 //		model <name> {
 //			rps|rpm|rph|rpd|tps|tpm|tph|tpd <n> [burst <n>]
@@ -165,6 +172,15 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.Queue = qc
+		case "adaptive":
+			if err := once(name); err != nil {
+				return err
+			}
+			ac, err := parseAdaptiveBlock(d)
+			if err != nil {
+				return err
+			}
+			h.Adaptive = ac
 		case "tokens":
 			if err := once(name); err != nil {
 				return err
@@ -215,7 +231,52 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("llm_rate_limit: rule %q: %v", h.Rules[i].ID, err)
 		}
 	}
+	if _, err := h.Adaptive.compile(h.Zone, qs); err != nil {
+		return d.Errf("llm_rate_limit: %v", err)
+	}
 	return nil
+}
+
+// parseAdaptiveBlock parses the adaptive block.
+func parseAdaptiveBlock(d *caddyfile.Dispenser) (*AdaptiveConfig, error) {
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	ac := &AdaptiveConfig{}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		if seen[name] {
+			return nil, d.Errf("adaptive: %s specified more than once", name)
+		}
+		seen[name] = true
+		var v string
+		if !d.AllArgs(&v) {
+			return nil, d.ArgErr()
+		}
+		switch name {
+		case "retries":
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 0 || n > maxRetries {
+				return nil, d.Errf("adaptive: retries %q: want a whole number from 0 to %d", v, maxRetries)
+			}
+			ac.Retries = &n
+		case "attempt_timeout":
+			dur, err := caddy.ParseDuration(v)
+			if err != nil || dur < 0 {
+				return nil, d.Errf("adaptive: attempt_timeout %q: want a duration such as 60s", v)
+			}
+			ac.AttemptTimeout = caddy.Duration(dur)
+		case "attempts_header":
+			if !validHeaderName(v) {
+				return nil, d.Errf("adaptive: attempts_header %q is not a valid header name", v)
+			}
+			ac.AttemptsHeader = v
+		default:
+			return nil, d.Errf("adaptive: unrecognized option %q: want retries, attempt_timeout or attempts_header", name)
+		}
+	}
+	return ac, nil
 }
 
 // parseQueueBlock parses a queue block: the handler's, or a rule's (which

@@ -49,10 +49,13 @@ func setRateLimitHeaders(h http.Header, now time.Time, x *exchange) {
 	}
 	policy := make([]byte, 0, 64*len(x.applied))
 	state := make([]byte, 0, 48*len(x.applied))
-	tightest := 0
+	tightest := -1
 	for i, a := range x.applied {
+		if a.limit.hidden {
+			continue
+		}
 		st := x.states[i]
-		if i > 0 {
+		if len(policy) > 0 {
 			policy = append(policy, ", "...)
 			state = append(state, ", "...)
 		}
@@ -73,10 +76,17 @@ func setRateLimitHeaders(h http.Header, now time.Time, x *exchange) {
 
 		// The tightest bucket has the smallest share of its capacity left:
 		// compare remaining/capacity without dividing.
+		if tightest < 0 {
+			tightest = i
+			continue
+		}
 		t := x.states[tightest]
 		if lessProduct(st.Remaining, x.applied[tightest].limit.limit.Capacity(), t.Remaining, a.limit.limit.Capacity()) {
 			tightest = i
 		}
+	}
+	if tightest < 0 {
+		return
 	}
 	// Canonical keys, assigned directly: Header.Set would canonicalize
 	// every name on every request.

@@ -97,6 +97,11 @@ type Handler struct {
 	// still applies to that rule).
 	Queue *QueueConfig `json:"queue,omitempty"`
 
+	// Adaptive turns on adaptive mode: limits learned from the upstream's
+	// answers, and retries of what it refused. See AdaptiveConfig.
+	// Default: off.
+	Adaptive *AdaptiveConfig `json:"adaptive,omitempty"`
+
 	// UseHandleErrors makes refusals (429, and 413 and 400 for bad bodies)
 	// return a caddyhttp.Error for Caddy's handle_errors routes to answer,
 	// instead of writing the body in the caller's dialect. The rate-limit
@@ -109,10 +114,11 @@ type Handler struct {
 	prefixes       []string
 	hasTokenLimits bool
 	// queues is set when some rule's requests may wait.
-	queues  bool
-	tokens  tokenSettings
-	queue   queueSettings
-	metrics *metrics
+	queues   bool
+	tokens   tokenSettings
+	queue    queueSettings
+	adaptive adaptiveSettings
+	metrics  *metrics
 	// state is kept after Cleanup: Caddy cleans up an old configuration
 	// while its last requests may still be in flight, and they must still
 	// find a store.
@@ -155,6 +161,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if rules[i].policy, err = rulePolicy(&h.Rules[i], h.queue); err != nil {
 			return fmt.Errorf("rule %q: %w", rules[i].id, err)
 		}
+	}
+	if h.adaptive, err = h.Adaptive.compile(h.Zone, h.queue); err != nil {
+		return err
+	}
+	if h.adaptive.enabled {
+		h.queues, h.hasTokenLimits = true, true
+		h.prefixes = append(h.prefixes, h.adaptive.rule.prefix)
 	}
 	for _, r := range rules {
 		h.queues = h.queues || r.policy.MaxWait > 0
@@ -217,6 +230,12 @@ type exchange struct {
 	priority int
 	// concurrent counts the concurrency limits among the charges.
 	concurrent int
+	// learned is the upstream model's learner in adaptive mode, arrived
+	// when the request came, and extraSlots the learned concurrency slots
+	// it took when it was sent again.
+	learned    *learned
+	arrived    time.Time
+	extraSlots []bucket.Charge
 	// nEnforce is how many of applied/charges/states belong to enforcing
 	// rules; the rest are shadow rules.
 	nEnforce int
@@ -253,6 +272,7 @@ func getExchange() *exchange {
 	x.applied, x.charges, x.states = x.applied[:0], x.charges[:0], x.states[:0]
 	x.charged, x.adjust = x.charged[:0], x.adjust[:0]
 	x.policies, x.flow = x.policies[:0], x.flow[:0]
+	x.learned, x.extraSlots = nil, x.extraSlots[:0]
 	x.admission = bucket.Request{}
 	x.weight, x.priority = 1, 0
 	x.nEnforce, x.tokenCharges, x.concurrent = 0, 0, 0
@@ -269,7 +289,10 @@ func putExchange(x *exchange) {
 // match finds the limits that apply to the request and builds their bucket
 // keys: enforcing rules first, then shadow rules. A request limit costs one;
 // a token limit costs the request's estimate.
-func (x *exchange) match(rules []compiledRule) {
+//
+// learn, when not nil, adds the charges of the learned limits after the
+// enforcing rules.
+func (x *exchange) match(rules []compiledRule, learn func(*exchange)) {
 	for pass := 0; pass < 2; pass++ {
 		shadow := pass == 1
 		for i := range rules {
@@ -307,6 +330,9 @@ func (x *exchange) match(rules []compiledRule) {
 			}
 		}
 		if !shadow {
+			if learn != nil {
+				learn(x)
+			}
 			x.nEnforce = len(x.applied)
 		}
 	}
@@ -413,8 +439,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		x.est = h.tokens.estimator(x.req.Model)
 		x.promptEst, x.completionEst = x.est.Prompt(&x.req), x.est.Completion(&x.req)
 	}
-	x.match(h.rules)
-	if len(x.charges) == 0 {
+	var learn func(*exchange)
+	if h.adaptive.enabled {
+		learn = h.matchLearned
+	}
+	x.match(h.rules, learn)
+	if len(x.charges) == 0 && x.learned == nil {
 		return next.ServeHTTP(w, r)
 	}
 	if h.queues {
@@ -430,6 +460,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	now := h.now()
+	x.arrived = now
 	out, err := h.decide(r.Context(), now, x)
 	if err != nil {
 		// The in-memory store cannot fail; a shared store that does must not
@@ -458,14 +489,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if !out.Allowed {
 		return h.tooMany(w, dialect, x, out.Result)
 	}
-	if x.concurrent > 0 {
+	if x.concurrent > 0 || x.learned != nil {
 		// A concurrency slot is held until the response ends, however it
 		// ends: reverse_proxy panics when the client leaves mid-stream.
 		defer h.releaseSlots(x)
 	}
 	guard := &headerGuard{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w}}
 	if x.tokenCharges == 0 {
-		return next.ServeHTTP(guard, r)
+		return h.forward(guard, r, next, x)
 	}
 	// Token limits: watch the response for its usage, and settle.
 	if h.tokens.streamUsage && x.req.Stream && !x.req.HasStreamOptions &&
@@ -487,7 +518,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		h.settle(x, watch, guard.wroteHeader, err, !completed)
 		watcherPool.Put(watch)
 	}()
-	err = next.ServeHTTP(guard, r)
+	err = h.forward(guard, r, next, x)
 	completed = err == nil
 	return err
 }
@@ -606,11 +637,14 @@ func (h *Handler) queueIdentity(r *http.Request, x *exchange) {
 // releaseSlots gives back the concurrency slots the request holds, and lets
 // the next waiting request in.
 func (h *Handler) releaseSlots(x *exchange) {
-	held := make([]bucket.Charge, 0, x.concurrent)
+	held := append([]bucket.Charge(nil), x.extraSlots...)
 	for i, c := range x.charges {
 		if x.charged[i] && c.Limit.Concurrent() {
 			held = append(held, c)
 		}
+	}
+	if len(held) == 0 {
+		return
 	}
 	if err := h.state.queue.Release(held); err != nil {
 		h.logger.Error("releasing concurrency slots", zap.Error(err))

@@ -170,6 +170,9 @@ type compiledLimit struct {
 	keyPrefix []byte
 	// policy is the IETF RateLimit policy name, quoted: "ID/UNIT".
 	policy string
+	// hidden keeps the limit out of the response headers: adaptive mode's
+	// concurrency bucket before a cap is learned, which only counts.
+	hidden bool
 	// window in seconds, for RateLimit-Policy's w parameter.
 	windowSeconds int64
 }
@@ -399,9 +402,14 @@ func (cr *compiledRule) matches(id *identity) bool {
 func (cr *compiledRule) appendKey(dst []byte, l *compiledLimit, id *identity) []byte {
 	dst = append(dst, l.keyPrefix...)
 	for _, d := range cr.per {
-		v := id.value(d.kind, d.metaKey)
-		dst = binary.AppendUvarint(dst, uint64(len(v)))
-		dst = append(dst, v...)
+		dst = appendKeyValue(dst, id.value(d.kind, d.metaKey))
 	}
 	return dst
+}
+
+// appendKeyValue appends a value taken from the request to a bucket key,
+// length-prefixed so that no value can pose as a separator.
+func appendKeyValue(dst []byte, v string) []byte {
+	dst = binary.AppendUvarint(dst, uint64(len(v)))
+	return append(dst, v...)
 }

@@ -30,6 +30,8 @@ type sharedState struct {
 	// queue holds the requests waiting for their turn. Requests that wait
 	// across a reload stay in it and are served by the same queue.
 	queue *bucket.Queue
+	// learners are adaptive mode's, per zone and model.
+	learners learners
 
 	mu sync.Mutex
 	// refs counts, per rule key prefix, the provisioned handlers whose rules
@@ -44,11 +46,12 @@ func acquireState() (*sharedState, error) {
 	v, _, err := states.LoadOrNew(stateKey, func() (caddy.Destructor, error) {
 		store := bucket.NewMemoryStore()
 		s := &sharedState{
-			store: store,
-			queue: bucket.NewQueue(store, bucket.SystemClock{}),
-			refs:  make(map[string]int),
-			stop:  make(chan struct{}),
-			done:  make(chan struct{}),
+			store:    store,
+			queue:    bucket.NewQueue(store, bucket.SystemClock{}),
+			learners: learners{m: make(map[string]*learned)},
+			refs:     make(map[string]int),
+			stop:     make(chan struct{}),
+			done:     make(chan struct{}),
 		}
 		go s.sweep()
 		return s, nil

@@ -117,7 +117,12 @@ func (ln *lane) class(p int) *class {
 // its deadline or the lane is full; then it returns the refusal and false.
 func (ln *lane) enqueue(q *Queue, w *waiter, now time.Time) (Result, bool) {
 	ch := w.charges[w.at]
-	ln.limit, ln.concurrent = ch.Limit, ch.Limit.Concurrent()
+	if ln.depth == 0 && !ln.dispatching {
+		// The first waiter sets the lane's limit. Later ones may carry an
+		// older one (a waiter that moved here, or a limit learned since it
+		// was matched); a change reaches the lane through UpdateLimit.
+		ln.limit, ln.concurrent = ch.Limit, ch.Limit.Concurrent()
+	}
 	c := ln.class(w.priority)
 	f := c.flows[w.flowKey]
 	if !ln.concurrent {

@@ -314,6 +314,25 @@ func (q *Queue) Wake(charges []Charge) {
 	}
 }
 
+// UpdateLimit tells the queue of a bucket that its limit changed, so that
+// the requests waiting for it are admitted under the new one. Requests
+// that join later carry the limit themselves.
+func (q *Queue) UpdateLimit(key []byte, l Limit) {
+	if q.nlanes.Load() == 0 {
+		return
+	}
+	q.mu.Lock()
+	ln := q.lanes[string(key)]
+	if ln != nil {
+		ln.limit, ln.concurrent = l, l.Concurrent()
+	}
+	q.mu.Unlock()
+	if ln != nil {
+		// A higher limit may admit someone now.
+		q.dispatch(ln)
+	}
+}
+
 // Joined returns how many requests have joined the queue since it was
 // created: the requests that had to wait.
 func (q *Queue) Joined() uint64 { return q.joined.Load() }
@@ -394,6 +413,10 @@ func (q *Queue) dispatch(ln *lane) {
 			return
 		}
 		w.state = waiterReserving
+		// The bucket's limit as the lane knows it now: a waiter that
+		// joined under an older limit (a reload, a limit learned since)
+		// must not be admitted under it.
+		w.charges[w.at].Limit = ln.limit
 		now := q.clock.Now()
 		q.mu.Unlock()
 		d, err := q.store.Reserve(context.Background(), now, w.charges, 0, w.states)

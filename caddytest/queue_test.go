@@ -35,8 +35,13 @@ func (h *harness) sendModel(model, user string, hdr ...string) queued {
 }
 
 func (h *harness) sendModelCtx(ctx context.Context, model, user string, hdr ...string) queued {
+	return h.sendBody(ctx, chatBody(model), user, hdr...)
+}
+
+// sendBody posts a chat completion body as user.
+func (h *harness) sendBody(ctx context.Context, body, user string, hdr ...string) queued {
 	start := time.Now()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, h.base+"/v1/chat/completions", strings.NewReader(chatBody(model)))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, h.base+"/v1/chat/completions", strings.NewReader(body))
 	if err != nil {
 		return queued{err: err}
 	}

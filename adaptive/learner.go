@@ -1,0 +1,396 @@
+// Package adaptive learns an upstream's real limits from its answers: the
+// rate-limit headers providers send, the Retry-After of their refusals, and,
+// when an upstream says nothing (vLLM, Ollama, a proxy), the refusals
+// themselves. What it learns becomes buckets like any other, which hold
+// requests in the module's fair queue before they are sent, so that the
+// upstream is not hit.
+package adaptive
+
+import (
+	"math"
+	"sync"
+	"time"
+)
+
+// Tuning of the learning rules. They are constants rather than options: an
+// operator who wants other values knows the limit and can write a rule.
+const (
+	// burstShare is the part of the upstream's learned burst the module
+	// uses. The module's bucket and the upstream's start at different
+	// moments, and requests reach the upstream with jitter: a little slack
+	// keeps the two from disagreeing about the last token.
+	burstShare = 0.9
+	// rateShare is the part of a measured (not advertised) rate the module
+	// paces at: a measurement over a few seconds is off by a request or so.
+	rateShare = 0.97
+	// probeAfter is how long the module paces at a measured rate without a
+	// refusal before it tries a little faster, in case the limit rose.
+	probeAfter = 30 * time.Second
+	// probeStep is how much faster it then tries.
+	probeStep = 1.02
+	// measureWindow bounds how far back refusals are used to measure a
+	// rate, so that a limit that changes is followed within it.
+	measureWindow = 20 * time.Second
+	// minMeasureSpan is the shortest span between two refusals that gives
+	// a rate; shorter spans are too noisy.
+	minMeasureSpan = 2 * time.Second
+	// backoffBase and backoffMax bound the wait after a refusal that says
+	// nothing about when to come back.
+	backoffBase = 250 * time.Millisecond
+	backoffMax  = 30 * time.Second
+	// maxRefusals is how many recent refusals are kept for measuring.
+	maxRefusals = 32
+)
+
+// Rate describes a learned limit: Count units per Window with a capacity
+// of Burst. Zero Count means nothing is known and nothing is limited.
+type Rate struct {
+	Count  int64
+	Window time.Duration
+	Burst  int64
+}
+
+// Limits are what a Learner knows about its upstream.
+type Limits struct {
+	// Requests is the learned request rate.
+	Requests Rate
+	// Tokens is the learned token rate (from headers only).
+	Tokens Rate
+	// Concurrent is the learned cap on requests in flight; 0 means none.
+	Concurrent int64
+	// BlockedUntil is when the upstream said (or the learner guessed) it
+	// will take requests again; zero when it is not blocked.
+	BlockedUntil time.Time
+	// FromHeaders tells whether Requests was advertised by the upstream
+	// rather than measured.
+	FromHeaders bool
+}
+
+// Verdict is what a Learner concludes from one answer.
+type Verdict struct {
+	// Retry is true when the answer is a refusal or failure worth trying
+	// again: 429, 503, 529, 502, 504, or no answer at all.
+	Retry bool
+	// Wait is how long to wait before trying again (before any jitter).
+	Wait time.Duration
+	// Explicit is true when Wait came from the upstream (Retry-After or a
+	// reset), which a retry must not undercut.
+	Explicit bool
+	// Remaining is the upstream's remaining requests when it said so, for
+	// bringing the module's bucket down to it; -1 otherwise.
+	Remaining int64
+	// Changed is true when the learned limits changed.
+	Changed bool
+}
+
+// refusal is one 429 kept for measuring the upstream's rate.
+type refusal struct {
+	// next is when the upstream's next unit was due: the refusal's time
+	// plus its Retry-After, or the time itself when it gave none.
+	next time.Time
+	// accepted is how many requests the upstream had accepted by then.
+	accepted int64
+}
+
+// Learner learns one upstream's limits. It is safe for concurrent use.
+type Learner struct {
+	mu     sync.Mutex
+	limits Limits
+	// burstSeen is the largest burst the headers implied.
+	burstSeen, tokenBurstSeen int64
+	// accepted counts the upstream's successes; refusals keeps recent ones
+	// with that count, for measuring the rate the upstream really allows.
+	accepted int64
+	refusals []refusal
+	// measured is the rate, per second, last measured from refusals.
+	measured float64
+	// lastRefusal is when the upstream last refused for a rate, and
+	// firstSeen when the learner saw its first answer.
+	lastRefusal, firstSeen time.Time
+	// streak counts consecutive refusals that said nothing, for backoff.
+	streak int
+	// inflight counts requests sent and not yet answered; atCap counts
+	// successes since the concurrency cap last changed.
+	inflight int64
+	atCap    int64
+	// epoch counts the changes of the concurrency cap. A refusal of a
+	// request sent under an earlier cap says nothing about the current
+	// one: without this, a burst of refusals sent under a cap too high
+	// would each lower it again.
+	epoch uint64
+	// measuredAt is when measured was last measured.
+	measuredAt time.Time
+	// probeStreak counts probes in a row without a refusal.
+	probeStreak int
+	// raised tells whether the current cap epoch began with a probe;
+	// doubt counts refusals at the cap that a success at as many in
+	// flight contradicts; probeFails counts failed cap probes in a row.
+	raised     bool
+	doubt      int
+	probeFails int
+	// ceiling is the last cap a probe failed at (0: none); below it the
+	// cap climbs back a step per round at the cap.
+	ceiling int64
+}
+
+// NewLearner returns a Learner that knows nothing yet.
+func NewLearner() *Learner { return &Learner{} }
+
+// Limits returns what the learner knows now.
+func (l *Learner) Limits() Limits {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.limits
+}
+
+// Begin records that a request is being sent to the upstream.
+func (l *Learner) Begin() { l.BeginEpoch() }
+
+// BeginEpoch records that a request is being sent to the upstream, and
+// returns the epoch to hand to ObserveSince with its answer.
+func (l *Learner) BeginEpoch() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.inflight++
+	return l.epoch
+}
+
+// Observe learns from one answer to a request announced with Begin, and
+// says whether to try again and when. Status 0 in o means no answer: a
+// connection error or a time-out.
+func (l *Learner) Observe(o Observation, now time.Time) Verdict {
+	l.mu.Lock()
+	epoch := l.epoch
+	l.mu.Unlock()
+	return l.ObserveSince(o, epoch, now)
+}
+
+// ObserveSince is Observe for a request sent at the given epoch.
+func (l *Learner) ObserveSince(o Observation, epoch uint64, now time.Time) Verdict {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	inflight := l.inflight
+	l.inflight = max(l.inflight-1, 0)
+	if l.firstSeen.IsZero() {
+		l.firstSeen = now
+	}
+	before := l.limits
+	v := Verdict{Remaining: -1}
+
+	// Advertised limits, on any answer that carries them.
+	if q := o.Requests; q.Limit > 0 {
+		l.limits.FromHeaders = true
+		if q.Limit != l.limits.Requests.Count {
+			l.burstSeen = 0 // a burst seen under another limit says nothing
+		}
+		l.limits.Requests.Count, l.limits.Requests.Window = q.Limit, time.Minute
+		if q.Remaining >= 0 && q.Reset >= 0 {
+			// The upstream's bucket refills at Limit per minute and is
+			// whole after Reset: what it holds when whole is its burst.
+			cap := q.Remaining + int64(q.Reset.Seconds()*float64(q.Limit)/60)
+			l.burstSeen = max(l.burstSeen, min(cap, q.Limit))
+		}
+		if l.burstSeen > 0 {
+			l.limits.Requests.Burst = max(1, int64(float64(l.burstSeen)*burstShare))
+		} else {
+			l.limits.Requests.Burst = max(1, int64(float64(q.Limit)*burstShare))
+		}
+		v.Remaining = q.Remaining
+	}
+	if q := o.Tokens; q.Limit > 0 {
+		if q.Limit != l.limits.Tokens.Count {
+			l.tokenBurstSeen = 0
+		}
+		l.limits.Tokens.Count, l.limits.Tokens.Window = q.Limit, time.Minute
+		if q.Remaining >= 0 && q.Reset >= 0 {
+			cap := q.Remaining + int64(q.Reset.Seconds()*float64(q.Limit)/60)
+			l.tokenBurstSeen = max(l.tokenBurstSeen, min(cap, q.Limit))
+		}
+		b := l.tokenBurstSeen
+		if b == 0 {
+			b = q.Limit
+		}
+		l.limits.Tokens.Burst = max(1, int64(float64(b)*burstShare))
+	}
+
+	switch {
+	case o.Status >= 200 && o.Status < 400:
+		l.accepted++
+		l.streak = 0
+		if l.limits.Concurrent > 0 && inflight >= l.limits.Concurrent {
+			// Full use of the cap without a refusal: after a while, try
+			// one more.
+			l.atCap++
+			if l.atCap%l.limits.Concurrent == 0 {
+				// A whole round at the cap: a raised cap held, and an
+				// earlier doubt is forgotten.
+				if l.raised {
+					l.raised, l.probeFails = false, 0
+					if l.limits.Concurrent >= l.ceiling {
+						l.ceiling = 0 // the upstream grew
+					}
+				}
+				l.doubt = 0
+			}
+			need := l.limits.Concurrent
+			if l.ceiling > 0 && l.limits.Concurrent+1 >= l.ceiling {
+				need = (10 * l.limits.Concurrent) << min(l.probeFails, 5)
+			}
+			if l.atCap >= need {
+				l.limits.Concurrent++
+				l.atCap = 0
+				l.epoch++
+				l.raised, l.doubt = true, 0
+			}
+		}
+		l.probe(now)
+	case o.Status == 429:
+		v.Retry = true
+		v.Wait, v.Explicit = l.rateRefusal(o, now)
+	case o.Status == 503 || o.Status == 529:
+		v.Retry = true
+		if o.RetryAfter >= 0 {
+			v.Wait, v.Explicit = o.RetryAfter, true
+		} else {
+			v.Wait = l.backoff()
+		}
+		// An upstream that says nothing and refuses when busy is taken to
+		// have a concurrency cap below what was in flight, but only when
+		// the request met the cap learned so far: an occasional 503 below
+		// it is a failure, not a limit.
+		if !o.HasQuota() && epoch == l.epoch && (l.limits.Concurrent == 0 || inflight >= l.limits.Concurrent) &&
+			(l.limits.Concurrent == 0 || l.raised || l.doubt >= 1) {
+			if l.raised {
+				l.probeFails++
+				l.ceiling = l.limits.Concurrent
+			}
+			l.raised, l.doubt = false, 0
+			c := max(1, inflight-1)
+			if l.limits.Concurrent > 0 {
+				// Requests sent before the cap was learned may still be
+				// in flight: a refusal never raises the cap.
+				c = min(c, l.limits.Concurrent-1)
+			}
+			l.limits.Concurrent = max(1, c)
+			l.atCap = 0
+			l.epoch++
+		} else if !o.HasQuota() && l.ceiling == 0 && !l.raised && l.limits.Concurrent > 0 && inflight-1 < l.limits.Concurrent {
+			// Still learning (the cap has not been probed yet): refusals of
+			// requests sent before the cap was learned arrive together,
+			// each with fewer in flight. When one arrived, the upstream
+			// held at most the others, so its cap is below that count.
+			l.limits.Concurrent = max(1, inflight-1)
+			l.atCap = 0
+			l.epoch++
+		} else if !o.HasQuota() && epoch == l.epoch && inflight >= l.limits.Concurrent {
+			// At a cap the upstream has held without refusals: one 503
+			// may be a failure. A second within a round is a limit.
+			l.doubt++
+		}
+		if v.Explicit {
+			l.block(now.Add(v.Wait))
+		}
+	case o.Status == 502 || o.Status == 504 || o.Status == 0:
+		// A failure, not a limit: nothing to learn, and the wait is the
+		// request's own (its attempts back off), so that failures of
+		// unrelated requests do not make every request wait longer.
+		v.Retry = true
+	}
+	v.Changed = l.limits != before
+	return v
+}
+
+// rateRefusal learns from a 429 and returns the wait before a retry.
+func (l *Learner) rateRefusal(o Observation, now time.Time) (time.Duration, bool) {
+	l.lastRefusal = now
+	wait, explicit := o.RetryAfter, o.RetryAfter >= 0
+	if !explicit && o.Requests.Remaining == 0 && o.Requests.Reset >= 0 && o.Requests.Limit > 0 {
+		// Empty, and whole again after Reset: the next request is due
+		// one interval from now, or at the reset if that is sooner.
+		wait, explicit = min(o.Requests.Reset, time.Minute/time.Duration(o.Requests.Limit)), true
+	}
+	if !explicit {
+		wait = l.backoff()
+	} else {
+		l.streak = 0
+	}
+	next := now.Add(wait)
+	l.block(next)
+	if l.limits.FromHeaders {
+		return wait, explicit
+	}
+	// No advertised limit: measure it. Between two refusals the upstream
+	// was saturated, so it accepted exactly its rate over the time from
+	// the first's next due unit to the second's.
+	l.refusals = append(l.refusals, refusal{next: next, accepted: l.accepted})
+	for len(l.refusals) > maxRefusals || len(l.refusals) > 1 && next.Sub(l.refusals[0].next) > measureWindow {
+		l.refusals = l.refusals[1:]
+	}
+	first := l.refusals[0]
+	if span := next.Sub(first.next); span >= minMeasureSpan {
+		l.measured = float64(l.accepted-first.accepted) / span.Seconds()
+		l.measuredAt = now
+	}
+	l.probeStreak = 0
+	switch {
+	case l.measured > 0 && now.Sub(l.measuredAt) <= measureWindow:
+		l.setRate(l.measured * rateShare)
+	case l.limits.Requests.Count > 0:
+		// Refused before a (fresh) rate could be measured: keep the rate,
+		// which is above the upstream's, so that the next refusals
+		// measure it; Retry-After spaces them.
+	default:
+		// The first refusal. Until two refusals measure the rate, guess
+		// it: no more than was accepted so far on average (which counts
+		// the upstream's burst, so it is high), and no more than one
+		// request per Retry-After (the time to the upstream's next unit
+		// is at most its interval, so this is high too, but closer).
+		guess := math.Inf(1)
+		if el := now.Sub(l.firstSeen).Seconds(); el > 0 && l.accepted > 0 {
+			guess = float64(l.accepted) / el
+		}
+		if explicit && wait > 0 {
+			guess = min(guess, 1/wait.Seconds())
+		}
+		if math.IsInf(guess, 1) {
+			guess = 1
+		}
+		l.setRate(guess)
+	}
+	return wait, explicit
+}
+
+// setRate sets the learned request rate, in requests per second, as a
+// per-minute quota with a burst of one second's worth (at least 1): a
+// measured upstream shows no burst the module could rely on.
+func (l *Learner) setRate(perSecond float64) {
+	perMinute := max(int64(math.Round(perSecond*60)), 1)
+	l.limits.Requests = Rate{Count: perMinute, Window: time.Minute, Burst: max(1, int64(perSecond))}
+}
+
+// probe tries a little faster after a long spell at a measured rate with
+// no refusal.
+func (l *Learner) probe(now time.Time) {
+	if l.limits.FromHeaders || l.limits.Requests.Count == 0 || l.lastRefusal.IsZero() || now.Sub(l.lastRefusal) < probeAfter {
+		return
+	}
+	l.probeStreak++
+	step := min(1+(probeStep-1)*float64(int(1)<<min(l.probeStreak-1, 6)), 1.25)
+	l.setRate(float64(l.limits.Requests.Count) / 60 * step)
+	l.lastRefusal = now
+}
+
+// backoff returns the next wait of an exponential backoff for refusals
+// that say nothing about when to come back.
+func (l *Learner) backoff() time.Duration {
+	d := backoffBase << min(l.streak, 10)
+	l.streak++
+	return min(d, backoffMax)
+}
+
+// block records that the upstream takes nothing before t.
+func (l *Learner) block(t time.Time) {
+	if t.After(l.limits.BlockedUntil) {
+		l.limits.BlockedUntil = t
+	}
+}
