@@ -382,7 +382,10 @@ func (h *Handler) blockLearned(x *exchange, now time.Time) {
 	if err := h.state.store.Peek(context.Background(), now, ch, st[:]); err != nil {
 		return
 	}
-	if n := p.requests.limit.BlockUnits(st[0], until.Sub(now)); n > 0 {
+	// Up to 20 % later than asked, never earlier: refusals that came
+	// together do not all end at the same instant.
+	wait := jitter(until.Sub(now), true)
+	if n := p.requests.limit.BlockUnits(st[0], wait); n > 0 {
 		ch[0].Cost = n
 		if err := h.state.store.Adjust(context.Background(), now, ch); err != nil {
 			h.logger.Debug("blocking a learned bucket", zap.Error(err))
