@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -202,5 +203,27 @@ func TestAdaptiveSurvivesHangsAndFailures(t *testing.T) {
 	}
 	if el := time.Since(start); el > 15*time.Second {
 		t.Errorf("took %s", el)
+	}
+}
+
+// What adaptive mode learned survives a graceful reload: the first request
+// after it is already held to the learned limit.
+func TestAdaptiveLearnedSurvivesReload(t *testing.T) {
+	up := startFake(t, fakellm.Config{RPM: 120, Burst: 10, RateLimitHeaders: true})
+	h := newHarness(t)
+	cfg := func(extra string) string {
+		return h.site("\t\tadaptive\n"+extra, hostPort(up))
+	}
+	h.load(cfg(""))
+	const learned = `"adaptive/requests_per_minute";q=120`
+	if r := h.chat("gpt-4o"); r.status != 200 || strings.Contains(r.header.Get("RateLimit-Policy"), learned) {
+		t.Fatalf("first request: %v, policy %q (nothing is learned before the first answer)", r, r.header.Get("RateLimit-Policy"))
+	}
+	if r := h.chat("gpt-4o"); !strings.Contains(r.header.Get("RateLimit-Policy"), learned) {
+		t.Fatalf("second request: policy %q, want %s", r.header.Get("RateLimit-Policy"), learned)
+	}
+	h.load(cfg("\t\tmax_body 1MiB\n"))
+	if r := h.chat("gpt-4o"); r.status != 200 || !strings.Contains(r.header.Get("RateLimit-Policy"), learned) {
+		t.Fatalf("after the reload: %v, policy %q, want %s", r, r.header.Get("RateLimit-Policy"), learned)
 	}
 }
