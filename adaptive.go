@@ -124,6 +124,9 @@ func validHeaderName(s string) bool {
 type learned struct {
 	learner *adaptive.Learner
 	limits  atomic.Pointer[learnedLimits]
+	// publishing serialises publish, so that the limits published last
+	// are the learner's latest.
+	publishing sync.Mutex
 }
 
 type learnedLimits struct {
@@ -242,22 +245,25 @@ func (x *exchange) learnedCharge(unit string) int {
 // failure from the upstream, learns from every answer, and sends the
 // request again while its deadline and retry budget allow.
 func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handler, x *exchange) error {
-	if x.learned == nil {
+	if x.learned == nil || r.Header.Get("Upgrade") != "" || r.Method == http.MethodConnect {
+		// A tunnel (WebSocket, CONNECT) is not a request to retry.
 		return next.ServeHTTP(w, r)
 	}
+	// Only a body the module holds can be sent again: other requests (an
+	// upload to a path it does not parse) get one attempt.
+	replayable := x.body != nil || r.Body == nil || r.Body == http.NoBody
 	deadline := x.arrived.Add(h.adaptive.policy.MaxWait)
 	for attempt := 1; ; attempt++ {
 		if h.adaptive.header != "" {
 			w.Header().Set(h.adaptive.header, strconv.Itoa(attempt))
 		}
-		last := attempt > h.adaptive.retries || !h.now().Before(deadline)
+		last := attempt > h.adaptive.retries || !h.now().Before(deadline) || !replayable
 		aw := &attemptWriter{dst: w, hold: !last, header: make(http.Header)}
 		ctx, cancel := context.WithCancel(r.Context())
 		var timer *time.Timer
 		if h.adaptive.attemptTimeout > 0 {
 			timer = time.AfterFunc(h.adaptive.attemptTimeout, func() {
-				if !aw.started.Load() {
-					aw.timedOut.Store(true)
+				if aw.phase.CompareAndSwap(phaseWaiting, phaseTimedOut) {
 					cancel()
 				}
 			})
@@ -266,23 +272,28 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 			r.Body = io.NopCloser(bytes.NewReader(x.body))
 		}
 		epoch := x.learned.learner.BeginEpoch()
-		err := next.ServeHTTP(aw, r.WithContext(ctx))
+		err := h.attempt(next, aw, r.WithContext(ctx), x.learned.learner)
 		if timer != nil {
 			timer.Stop()
 		}
 		cancel()
 		status := aw.status
 		if status == 0 && err != nil {
-			status = failureStatus(err, aw.timedOut.Load())
+			status = failureStatus(err, aw.phase.Load() == phaseTimedOut)
 		}
 		now := h.now()
 		obs := adaptive.Parse(status, aw.header, aw.held.Bytes(), now)
-		if status == 0 || aw.status == 0 {
-			obs.Status = status
+		if aw.status == 0 {
+			// No answer from the upstream: an error Caddy made itself
+			// (no upstream available, a refused connection) teaches
+			// nothing about the upstream's limits.
+			obs.Status = 0
 		}
 		v := x.learned.learner.ObserveSince(obs, epoch, now)
 		if v.Changed {
+			x.learned.publishing.Lock()
 			x.learned.publish(x.learned.learner.Limits())
+			x.learned.publishing.Unlock()
 			h.updateLearnedLanes(x)
 		}
 		if v.Retry && obs.Status == http.StatusTooManyRequests || v.Explicit {
@@ -296,7 +307,7 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 		if !v.Retry || last || r.Context().Err() != nil {
 			if !answered {
 				// No answer to pass on: let Caddy answer the error.
-				return err
+				return aw.failure(err)
 			}
 			return aw.release(v.Wait)
 		}
@@ -304,19 +315,34 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 			v.Wait = failureBackoff(attempt)
 		}
 		wait := jitter(v.Wait, v.Explicit)
-		if !now.Add(wait).Before(deadline) && obs.Status != http.StatusServiceUnavailable {
+		if !now.Add(wait).Before(deadline) && (v.Explicit || obs.Status != http.StatusServiceUnavailable) {
 			if !answered {
-				return err
+				return aw.failure(err)
 			}
 			return aw.release(v.Wait)
 		}
-		if ok := h.waitToRetry(r.Context(), x, obs.Status, wait, deadline); !ok {
+		if ok := h.waitToRetry(r.Context(), x, obs.Status, wait, v.Explicit, deadline); !ok {
 			if !answered {
-				return err
+				return aw.failure(err)
 			}
 			return aw.release(v.Wait)
 		}
 	}
+}
+
+// attempt sends the request once. reverse_proxy panics with
+// http.ErrAbortHandler when the client leaves mid-stream: the learner is
+// then told the attempt ended, and the panic goes on.
+func (h *Handler) attempt(next caddyhttp.Handler, w http.ResponseWriter, r *http.Request, l *adaptive.Learner) error {
+	done := false
+	defer func() {
+		if !done {
+			l.Abandon()
+		}
+	}()
+	err := next.ServeHTTP(w, r)
+	done = true
+	return err
 }
 
 // updateLearnedLanes hands newly learned limits to the queues of their
@@ -397,29 +423,34 @@ func (h *Handler) blockLearned(x *exchange, now time.Time) {
 // learned bucket when it has one, which the upstream's Retry-After has
 // blocked, or for the wait itself otherwise. It returns false when the turn
 // would come after the deadline or the client left.
-func (h *Handler) waitToRetry(ctx context.Context, x *exchange, status int, wait time.Duration, deadline time.Time) bool {
+func (h *Handler) waitToRetry(ctx context.Context, x *exchange, status int, wait time.Duration, explicit bool, deadline time.Time) bool {
 	now := h.now()
-	unit := "requests_per_minute"
-	if status == http.StatusServiceUnavailable || status == 529 {
-		unit = "concurrent_requests"
-	}
-	if unit == "concurrent_requests" {
-		if p := x.learned.limits.Load(); p.concurrent != nil {
-			// Give back whatever slot the request holds: holding one while
-			// waiting for another could leave every slot held by a waiter.
-			// Then pause a little before taking one under the cap as it is
-			// now. Requests sent before the cap was learned hold no slot,
-			// and an upstream that just refused is still busy with them:
-			// a slot taken at once would only be refused again.
-			h.releaseLearnedSlots(x)
-			if !sleepUntil(ctx, now.Add(min(wait, concurrencyPause)), deadline) {
-				return false
-			}
-			return h.admitLearned(ctx, x, p.concurrent, deadline, h.now())
+	p := x.learned.limits.Load()
+	switch {
+	case status == http.StatusTooManyRequests:
+		if i := x.learnedCharge("requests_per_minute"); i >= 0 {
+			// The upstream's Retry-After has blocked the learned bucket:
+			// its queue holds the request until then.
+			return h.admitLearned(ctx, x, x.applied[i].limit, deadline, now)
 		}
-	} else if i := x.learnedCharge(unit); i >= 0 {
-		return h.admitLearned(ctx, x, x.applied[i].limit, deadline, now)
+	case (status == http.StatusServiceUnavailable || status == 529) && p.concurrent != nil:
+		// Give back whatever slot the request holds: holding one while
+		// waiting for another could leave every slot held by a waiter.
+		// Then pause before taking one under the cap as it is now: the
+		// time the upstream named, or else a little, since an upstream
+		// that just refused is still busy (with requests sent before its
+		// cap was learned, too).
+		h.releaseLearnedSlots(x)
+		if !explicit {
+			wait = min(wait, concurrencyPause)
+		}
+		if !sleepUntil(ctx, now.Add(wait), deadline) {
+			return false
+		}
+		return h.admitLearned(ctx, x, p.concurrent, deadline, h.now())
 	}
+	// A failure (502, 504, no answer), or nothing learned to queue on:
+	// the request's own wait.
 	return sleepUntil(ctx, now.Add(wait), deadline)
 }
 
@@ -500,19 +531,31 @@ type attemptWriter struct {
 	hold bool
 	// status is the status reverse_proxy wrote, 0 until then.
 	status int
-	// started is set once a status was written: an attempt time-out no
-	// longer applies. timedOut is set when the time-out canceled the
-	// attempt.
-	started   atomic.Bool
-	timedOut  atomic.Bool
+	// phase says whether the response began before the attempt's
+	// time-out (phaseStarted) or the time-out canceled it first
+	// (phaseTimedOut): one atomic, so that the two cannot both win.
+	phase     atomic.Int32
 	held      bytes.Buffer
 	committed bool
 }
 
-func (a *attemptWriter) Header() http.Header { return a.header }
+func (a *attemptWriter) Header() http.Header {
+	if a.committed {
+		// Trailers are set after the body: they go to the client.
+		return a.dst.Header()
+	}
+	return a.header
+}
 
 // Unwrap gives http.ResponseController the client's writer, for deadlines.
 func (a *attemptWriter) Unwrap() http.ResponseWriter { return a.dst }
+
+// Phases of an attempt, for its time-out.
+const (
+	phaseWaiting int32 = iota
+	phaseStarted
+	phaseTimedOut
+)
 
 // retryable statuses are held back.
 func retryable(status int) bool {
@@ -527,21 +570,20 @@ func (a *attemptWriter) WriteHeader(status int) {
 	if a.status != 0 || a.committed {
 		return
 	}
-	if status >= 100 && status < 200 {
+	if status >= 100 && status < 200 && status != http.StatusSwitchingProtocols {
 		if !a.hold {
 			a.commitHeader()
 			a.dst.WriteHeader(status)
 		}
 		return
 	}
-	if status == 499 && a.timedOut.Load() {
-		// reverse_proxy writes 499 for a canceled request, taking it for
-		// a client that left; here the module canceled it because the
-		// upstream did not answer in time.
+	if !a.phase.CompareAndSwap(phaseWaiting, phaseStarted) && a.phase.Load() == phaseTimedOut {
+		// The time-out canceled the attempt first (reverse_proxy then
+		// writes 499, taking it for a client that left): the upstream did
+		// not answer in time.
 		status = http.StatusGatewayTimeout
 	}
 	a.status = status
-	a.started.Store(true)
 	if a.hold && retryable(status) {
 		return
 	}
@@ -592,6 +634,15 @@ func (a *attemptWriter) commit() {
 		a.dst.Write(a.held.Bytes())
 		a.held.Reset()
 	}
+}
+
+// failure is the error for an attempt that got no answer and will not be
+// tried again: a 504 when the module's time-out cut it.
+func (a *attemptWriter) failure(err error) error {
+	if a.phase.Load() == phaseTimedOut {
+		return caddyhttp.Error(http.StatusGatewayTimeout, err)
+	}
+	return err
 }
 
 // release gives up retrying: the upstream's own answer goes to the client,

@@ -419,12 +419,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if answered, err := h.readBody(w, r, dialect, x); answered {
 			return err
 		}
-		if body := x.body; body != nil {
+		defer func() {
 			// Whatever the next handler did with the body, leave a fresh
 			// copy on the request for handle_errors routes (a fallback
-			// upstream) that send it again.
-			defer func() { r.Body = io.NopCloser(bytes.NewReader(body)) }()
-		}
+			// upstream) that send it again: the body as last sent, with
+			// its length.
+			if body := x.body; body != nil {
+				h.replaceBody(r, x, body)
+			}
+		}()
 		if len(x.body) > 0 || pathModel != "" {
 			p := tokens.GetParser()
 			err := p.Parse(dialect, endpoint, pathModel, x.body, &x.req)

@@ -155,6 +155,14 @@ func (l *Learner) BeginEpoch() uint64 {
 	return l.epoch
 }
 
+// Abandon records that a request announced with Begin ended without an
+// answer to learn from (the client left and the handler was aborted).
+func (l *Learner) Abandon() {
+	l.mu.Lock()
+	l.inflight = max(l.inflight-1, 0)
+	l.mu.Unlock()
+}
+
 // Observe learns from one answer to a request announced with Begin, and
 // says whether to try again and when. Status 0 in o means no answer: a
 // connection error or a time-out.

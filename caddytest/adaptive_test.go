@@ -227,3 +227,32 @@ func TestAdaptiveLearnedSurvivesReload(t *testing.T) {
 		t.Fatalf("after the reload: %v, policy %q, want %s", r, r.header.Get("RateLimit-Policy"), learned)
 	}
 }
+
+// A request whose body the module did not read (a path it does not parse)
+// cannot be sent again, so it gets one attempt and the upstream's answer;
+// one it did read is retried with the same body.
+func TestAdaptiveRetriesOnlyReplayableBodies(t *testing.T) {
+	h := newHarness(t)
+	back := freePort(t)
+	h.load(fmt.Sprintf(`:%d {
+	llm_rate_limit {
+		adaptive {
+			retries 2
+			attempts_header X-Upstream-Attempts
+		}
+	}
+	reverse_proxy 127.0.0.1:%d
+}
+:%d {
+	respond "busy" 503
+}
+`, h.port, back, back))
+	r := h.post("/v1/files", strings.Repeat("x", 1000))
+	if r.status != 503 || r.header.Get("X-Upstream-Attempts") != "1" {
+		t.Errorf("unparsed body: %v, attempts %q; want the upstream's 503 after one attempt", r, r.header.Get("X-Upstream-Attempts"))
+	}
+	r = h.chat("gpt-4o")
+	if r.status != 503 || r.header.Get("X-Upstream-Attempts") != "3" {
+		t.Errorf("chat: %v, attempts %q; want the upstream's 503 after three attempts", r, r.header.Get("X-Upstream-Attempts"))
+	}
+}
