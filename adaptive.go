@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"net/http"
 	"strconv"
@@ -572,8 +573,14 @@ func (a *attemptWriter) WriteHeader(status int) {
 	}
 	if status >= 100 && status < 200 && status != http.StatusSwitchingProtocols {
 		if !a.hold {
+			// An informational response (103 Early Hints) carries its own
+			// headers; they must not stay on the final response.
+			dst := a.dst.Header()
+			saved := dst.Clone()
 			a.commitHeader()
 			a.dst.WriteHeader(status)
+			clear(dst)
+			maps.Copy(dst, saved)
 		}
 		return
 	}
