@@ -16,6 +16,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/llmratelimit/caddy-llm-ratelimit/adaptive"
 	"github.com/llmratelimit/caddy-llm-ratelimit/bucket"
@@ -86,7 +87,7 @@ func (c *AdaptiveConfig) compile(zone string, q queueSettings) (adaptiveSettings
 	if as.attemptTimeout < 0 {
 		return as, errors.New("adaptive: attempt_timeout must not be negative")
 	}
-	if as.header != "" && !validHeaderName(as.header) {
+	if as.header != "" && !httpguts.ValidHeaderFieldName(as.header) {
 		return as, errors.New("adaptive: attempts_header " + strconv.Quote(as.header) + " is not a valid header name")
 	}
 	// Adaptive mode queues even without a queue block: waiting for the
@@ -101,22 +102,9 @@ func (c *AdaptiveConfig) compile(zone string, q queueSettings) (adaptiveSettings
 		perText: "model",
 		prefix:  zone + string(keySep) + "adaptive" + string(keySep) + "model" + string(keySep),
 		policy:  as.policy,
+		learned: true,
 	}
 	return as, nil
-}
-
-// validHeaderName reports whether s is an HTTP token.
-func validHeaderName(s string) bool {
-	if s == "" || len(s) > 64 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
-			return false
-		}
-	}
-	return true
 }
 
 // learned is one upstream model's learner and the limits it last
@@ -143,17 +131,21 @@ const unboundedSlots = 1e12
 // reloads like the buckets.
 type learners struct {
 	mu sync.RWMutex
-	m  map[string]*learned
+	m  map[learnerKey]*learned
 }
 
-// maxLearners bounds the learners: one per model name the upstream
-// answered for. Model names come from clients; past the bound, new names
-// share one learner.
+// learnerKey names a learner. A struct rather than a joined string, so that
+// finding a learner on every request builds nothing.
+type learnerKey struct{ zone, model string }
+
+// maxLearners bounds the learners: one per model name a request named.
+// Model names come from clients; past the bound, new names share one
+// learner.
 const maxLearners = 4096
 
 // get returns the learner of a model in a zone, creating it.
 func (ls *learners) get(zone, model string) *learned {
-	key := zone + string(keySep) + model
+	key := learnerKey{zone, model}
 	ls.mu.RLock()
 	l := ls.m[key]
 	ls.mu.RUnlock()
@@ -166,7 +158,7 @@ func (ls *learners) get(zone, model string) *learned {
 		return l
 	}
 	if len(ls.m) >= maxLearners {
-		key = zone + string(keySep) + "\x00overflow"
+		key = learnerKey{zone, "\x00overflow"}
 		if l = ls.m[key]; l != nil {
 			return l
 		}
@@ -235,7 +227,7 @@ func (h *Handler) matchLearned(x *exchange) {
 // given unit, or -1.
 func (x *exchange) learnedCharge(unit string) int {
 	for i, a := range x.applied[:x.nEnforce] {
-		if a.rule.id == "adaptive" && a.limit.unit == unit && x.charged[i] {
+		if a.rule.learned && a.limit.unit == unit && x.charged[i] {
 			return i
 		}
 	}

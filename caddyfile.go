@@ -9,6 +9,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
+	"golang.org/x/net/http/httpguts"
 )
 
 // parseCaddyfile sets up the handler from Caddyfile tokens.
@@ -268,7 +269,7 @@ func parseAdaptiveBlock(d *caddyfile.Dispenser) (*AdaptiveConfig, error) {
 			}
 			ac.AttemptTimeout = caddy.Duration(dur)
 		case "attempts_header":
-			if !validHeaderName(v) {
+			if !httpguts.ValidHeaderFieldName(v) {
 				return nil, d.Errf("adaptive: attempts_header %q is not a valid header name", v)
 			}
 			ac.AttemptsHeader = v

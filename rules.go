@@ -195,6 +195,9 @@ type compiledRule struct {
 	// policy says how long and how many requests may wait for the rule's
 	// buckets.
 	policy bucket.Policy
+	// learned marks adaptive mode's rule, whose limits are learned, so that
+	// no configured rule (even one named "adaptive") is taken for it.
+	learned bool
 }
 
 // keySep separates the fixed parts of a bucket key. Values taken from the

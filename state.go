@@ -48,7 +48,7 @@ func acquireState() (*sharedState, error) {
 		s := &sharedState{
 			store:    store,
 			queue:    bucket.NewQueue(store, bucket.SystemClock{}),
-			learners: learners{m: make(map[string]*learned)},
+			learners: learners{m: make(map[learnerKey]*learned)},
 			refs:     make(map[string]int),
 			stop:     make(chan struct{}),
 			done:     make(chan struct{}),

@@ -10,9 +10,9 @@ import (
 // Queue's mutex.
 type lane struct {
 	key string
-	// limit is the bucket's limit as the latest waiter saw it.
-	limit      Limit
-	concurrent bool
+	// limit is the bucket's limit: the first waiter's, or the latest
+	// UpdateLimit's.
+	limit Limit
 	// classes are the priority classes with waiting requests, highest
 	// first. There are few: a class per priority value in use.
 	classes []*class
@@ -121,11 +121,11 @@ func (ln *lane) enqueue(q *Queue, w *waiter, now time.Time) (Result, bool) {
 		// The first waiter sets the lane's limit. Later ones may carry an
 		// older one (a waiter that moved here, or a limit learned since it
 		// was matched); a change reaches the lane through UpdateLimit.
-		ln.limit, ln.concurrent = ch.Limit, ch.Limit.Concurrent()
+		ln.limit = ch.Limit
 	}
 	c := ln.class(w.priority)
 	f := c.flows[w.flowKey]
-	if !ln.concurrent {
+	if !ln.limit.Concurrent() {
 		wait := ln.predict(c, f, w.weight, flowUnits(f), ch.Cost, now)
 		w.predicted = now.Sub(w.arrived) + wait
 		if now.Add(wait).After(w.deadline) {
@@ -240,7 +240,7 @@ func (ln *lane) served(w *waiter, now time.Time) {
 	c := ln.class(w.priority)
 	c.vtime = max(c.vtime, f.counter)
 	f.counter += float64(w.cost()) / f.weight
-	if ln.concurrent {
+	if ln.limit.Concurrent() {
 		if !ln.lastServed.IsZero() {
 			gap := now.Sub(ln.lastServed)
 			if ln.interval == 0 {
@@ -318,7 +318,7 @@ func (ln *lane) refusal(w *waiter, why Outcome, now time.Time) Result {
 // not foreseen, so for a flow with more than its share waiting this is a
 // lower bound.
 func (ln *lane) predict(c *class, f *flow, weight float64, before, cost int64, now time.Time) time.Duration {
-	if ln.concurrent {
+	if ln.limit.Concurrent() {
 		return ln.predictConcurrent(c, before+cost)
 	}
 	// A request larger than the bucket conforms once the bucket is full,

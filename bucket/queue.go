@@ -324,7 +324,7 @@ func (q *Queue) UpdateLimit(key []byte, l Limit) {
 	q.mu.Lock()
 	ln := q.lanes[string(key)]
 	if ln != nil {
-		ln.limit, ln.concurrent = l, l.Concurrent()
+		ln.limit = l
 	}
 	q.mu.Unlock()
 	if ln != nil {
@@ -380,7 +380,7 @@ func (q *Queue) retire(ln *lane) {
 // held.
 func (q *Queue) arm(ln *lane, at time.Time) {
 	d := at.Sub(q.clock.Now())
-	if ln.concurrent {
+	if ln.limit.Concurrent() {
 		d = q.poll
 	}
 	if ln.timer != nil {
