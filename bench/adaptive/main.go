@@ -337,105 +337,25 @@ func printConfigs(w io.Writer, o options, selected []*scenario) {
 	}
 }
 
-// upRec is one request as it reached the upstream: when, and the status
-// fakellm answered (0 for a hung request).
-type upRec struct {
-	at     time.Time
-	status int
-}
-
-// upstream is fakellm behind a thin wrapper that sees every request reach
-// it: when it arrived, how it was answered, and how many are inside
-// fakellm at once.
+// upstream is fakellm on a loopback port. fakellm records each request's
+// arrival and status (0 for a hung request), and the most requests inside
+// its handler at once.
 type upstream struct {
 	fake *fakellm.Server
 	addr string
-	hs   *http.Server
-	wg   sync.WaitGroup // the Serve goroutine
-
-	mu      sync.Mutex
-	current int
-	peak    int
-	recs    []upRec
 }
 
 func startUpstream(cfg fakellm.Config) (*upstream, error) {
-	fake, err := fakellm.New(cfg)
+	fake, err := fakellm.Start(cfg)
 	if err != nil {
 		return nil, err
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		fake.Close()
-		return nil, err
-	}
-	u := &upstream{fake: fake, addr: ln.Addr().String()}
-	u.hs = &http.Server{Handler: http.HandlerFunc(u.serve), ReadHeaderTimeout: 10 * time.Second}
-	u.wg.Go(func() { _ = u.hs.Serve(ln) }) // ErrServerClosed on close
-	return u, nil
+	return &upstream{fake: fake, addr: strings.TrimPrefix(fake.URL, "http://")}, nil
 }
 
-func (u *upstream) serve(w http.ResponseWriter, r *http.Request) {
-	arrived := time.Now()
-	u.mu.Lock()
-	u.current++
-	u.peak = max(u.peak, u.current)
-	u.mu.Unlock()
-	sw := &statusWriter{ResponseWriter: w}
-	// Deferred: fakellm ends a hung request by panicking with
-	// http.ErrAbortHandler, which this lets through after counting.
-	defer func() {
-		u.mu.Lock()
-		u.current--
-		u.recs = append(u.recs, upRec{at: arrived, status: sw.status})
-		u.mu.Unlock()
-	}()
-	u.fake.Handler().ServeHTTP(sw, r)
-}
-
-// close aborts fakellm's slow streams and hung requests (and refuses what
-// still comes in), then shuts the listener down and waits for every
-// handler and the Serve goroutine, so nothing outlives the run. Caddy is
-// stopped before this.
-func (u *upstream) close() {
-	u.fake.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if u.hs.Shutdown(ctx) != nil {
-		u.hs.Close() // a handler still running after 5 s: should not happen
-	}
-	u.wg.Wait()
-}
-
-// statusWriter remembers the status fakellm wrote. Flush and Unwrap keep
-// streaming working through it.
-type statusWriter struct {
-	http.ResponseWriter
-	status int
-}
-
-func (w *statusWriter) WriteHeader(code int) {
-	if w.status == 0 {
-		w.status = code
-	}
-	w.ResponseWriter.WriteHeader(code)
-}
-
-func (w *statusWriter) Write(p []byte) (int, error) {
-	if w.status == 0 {
-		w.status = http.StatusOK
-	}
-	return w.ResponseWriter.Write(p)
-}
-
-func (w *statusWriter) Flush() {
-	if w.status == 0 {
-		w.status = http.StatusOK
-	}
-	_ = http.NewResponseController(w.ResponseWriter).Flush()
-}
-
-func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+// close aborts fakellm's slow streams and hung requests, and waits for
+// every handler, so nothing outlives the run. Caddy is stopped before this.
+func (u *upstream) close() { u.fake.Close() }
 
 // outcome is one client request: its SDK call, with every retry.
 type outcome struct {
@@ -473,9 +393,9 @@ type result struct {
 	maxLag    time.Duration // worst lateness of an arrival loop behind its schedule
 	drained   bool          // everything finished within the drain bound
 
-	up         fakellm.Stats // fakellm's Stats() after the load
-	upInflight int           // fakellm's InFlight() after the load
-	upRecs     []upRec       // from the wrapper, in order of arrival
+	up         fakellm.Stats      // fakellm's Stats() after the load
+	upInflight int                // fakellm's InFlight() after the load
+	upRecs     []fakellm.Received // fakellm's record, in order of arrival
 	upPeak     int
 
 	goroutinesBefore, goroutinesAfter int
@@ -578,11 +498,8 @@ func runConfig(s *scenario, limiter bool, o options) *result {
 
 	res.up = up.fake.Stats()
 	res.upInflight = up.fake.InFlight()
-	up.mu.Lock()
-	res.upRecs = slices.Clone(up.recs)
-	res.upPeak = up.peak
-	up.mu.Unlock()
-	slices.SortFunc(res.upRecs, func(a, b upRec) int { return a.at.Compare(b.at) })
+	res.upRecs = up.fake.Requests()
+	res.upPeak = up.fake.PeakInFlight()
 	return res
 }
 
@@ -963,8 +880,8 @@ func (r *result) refusals() int { return r.up.Limited + r.up.Busy + r.up.Failed 
 // arrived, since start; 0 when none was.
 func (r *result) lastOKArrival() time.Duration {
 	for i := len(r.upRecs) - 1; i >= 0; i-- {
-		if r.upRecs[i].status/100 == 2 {
-			return r.upRecs[i].at.Sub(r.start)
+		if r.upRecs[i].Status/100 == 2 {
+			return r.upRecs[i].Arrived.Sub(r.start)
 		}
 	}
 	return 0
@@ -980,7 +897,7 @@ func (r *result) span() time.Duration { return max(r.window, r.lastOKArrival()) 
 func (r *result) up2xx(from, to time.Duration) int {
 	n := 0
 	for _, q := range r.upRecs {
-		if at := q.at.Sub(r.start); q.status/100 == 2 && at >= from && at < to {
+		if at := q.Arrived.Sub(r.start); q.Status/100 == 2 && at >= from && at < to {
 			n++
 		}
 	}
@@ -991,9 +908,9 @@ func (r *result) up2xx(from, to time.Duration) int {
 // how many of them it refused (429 or 503).
 func (r *result) upIn(from, to time.Duration) (total, refused int) {
 	for _, q := range r.upRecs {
-		if at := q.at.Sub(r.start); at >= from && at < to {
+		if at := q.Arrived.Sub(r.start); at >= from && at < to {
 			total++
-			if q.status == http.StatusTooManyRequests || q.status == http.StatusServiceUnavailable {
+			if q.Status == http.StatusTooManyRequests || q.Status == http.StatusServiceUnavailable {
 				refused++
 			}
 		}
@@ -1058,14 +975,14 @@ func (r *result) tokensAt(sw time.Duration) float64 {
 	tokens := float64(upstreamBurst)
 	var last time.Time
 	for _, q := range r.upRecs {
-		if q.status/100 != 2 || q.at.Sub(r.start) >= sw {
+		if q.Status/100 != 2 || q.Arrived.Sub(r.start) >= sw {
 			continue
 		}
 		if !last.IsZero() {
-			tokens = math.Min(upstreamBurst, tokens+q.at.Sub(last).Seconds()*rate)
+			tokens = math.Min(upstreamBurst, tokens+q.Arrived.Sub(last).Seconds()*rate)
 		}
 		tokens--
-		last = q.at
+		last = q.Arrived
 	}
 	if last.IsZero() {
 		return halvedBurst
@@ -1211,9 +1128,6 @@ func runNotes(w io.Writer, s *scenario, rs ...*result) {
 		u := r.up
 		if hung := u.Total - (u.OK + u.Limited + u.Busy + u.Failed + u.Other); hung != u.Hung {
 			notes = append(notes, fmt.Sprintf("fakellm's Stats() do not add up: %d requests, %d accounted for but %d hung", u.Total, u.Total-hung, u.Hung))
-		}
-		if len(r.upRecs) != u.Total {
-			notes = append(notes, fmt.Sprintf("the wrapper saw %d requests, fakellm %d", len(r.upRecs), u.Total))
 		}
 		if u.OK != c.ok {
 			notes = append(notes, fmt.Sprintf("the upstream accepted %d requests but the clients saw %d complete 2xx", u.OK, c.ok))

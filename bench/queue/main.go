@@ -324,95 +324,24 @@ func printConfigs(w io.Writer, o options, selected []*scenario) {
 	}
 }
 
-// upstream is fakellm behind a thin wrapper that sees every request reach
-// it: how many are inside fakellm at once, and when the last one fakellm
-// accepted arrived (fakellm admits at arrival).
+// upstream is fakellm on a loopback port. fakellm records each request's
+// arrival and status, and the most requests inside its handler at once.
 type upstream struct {
 	fake *fakellm.Server
 	addr string
-	hs   *http.Server
-	wg   sync.WaitGroup // the Serve goroutine
-
-	mu      sync.Mutex
-	current int
-	peak    int
-	lastOK  time.Time
 }
 
 func startUpstream(cfg fakellm.Config) (*upstream, error) {
-	fake, err := fakellm.New(cfg)
+	fake, err := fakellm.Start(cfg)
 	if err != nil {
 		return nil, err
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		fake.Close()
-		return nil, err
-	}
-	u := &upstream{fake: fake, addr: ln.Addr().String()}
-	u.hs = &http.Server{Handler: http.HandlerFunc(u.serve), ReadHeaderTimeout: 10 * time.Second}
-	u.wg.Go(func() { _ = u.hs.Serve(ln) }) // ErrServerClosed on close
-	return u, nil
+	return &upstream{fake: fake, addr: strings.TrimPrefix(fake.URL, "http://")}, nil
 }
 
-func (u *upstream) serve(w http.ResponseWriter, r *http.Request) {
-	arrived := time.Now()
-	u.mu.Lock()
-	u.current++
-	u.peak = max(u.peak, u.current)
-	u.mu.Unlock()
-	sw := &statusWriter{ResponseWriter: w}
-	u.fake.Handler().ServeHTTP(sw, r)
-	u.mu.Lock()
-	u.current--
-	if sw.status/100 == 2 && arrived.After(u.lastOK) {
-		u.lastOK = arrived
-	}
-	u.mu.Unlock()
-}
-
-// close aborts fakellm's slow streams (and refuses what still comes in),
-// then shuts the listener down and waits for every handler and the Serve
-// goroutine, so nothing outlives the run. Caddy is stopped before this.
-func (u *upstream) close() {
-	u.fake.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if u.hs.Shutdown(ctx) != nil {
-		u.hs.Close() // a handler still running after 5 s: should not happen
-	}
-	u.wg.Wait()
-}
-
-// statusWriter remembers the status fakellm wrote. Flush and Unwrap keep
-// streaming working through it.
-type statusWriter struct {
-	http.ResponseWriter
-	status int
-}
-
-func (w *statusWriter) WriteHeader(code int) {
-	if w.status == 0 {
-		w.status = code
-	}
-	w.ResponseWriter.WriteHeader(code)
-}
-
-func (w *statusWriter) Write(p []byte) (int, error) {
-	if w.status == 0 {
-		w.status = http.StatusOK
-	}
-	return w.ResponseWriter.Write(p)
-}
-
-func (w *statusWriter) Flush() {
-	if w.status == 0 {
-		w.status = http.StatusOK
-	}
-	_ = http.NewResponseController(w.ResponseWriter).Flush()
-}
-
-func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+// close aborts fakellm's slow streams and waits for every handler, so
+// nothing outlives the run. Caddy is stopped before this.
+func (u *upstream) close() { u.fake.Close() }
 
 // stats are one user's (or everyone's) client-side outcomes.
 type stats struct {
@@ -585,12 +514,16 @@ func runConfig(s *scenario, limiter bool, o options) *result {
 
 	total, limited := up.fake.Counts()
 	res.upTotal, res.upLimited = total, limited
+	var lastOK time.Time
 	for _, q := range up.fake.Requests() {
 		switch {
 		case q.Status == 0:
 			res.up0++
 		case q.Status/100 == 2:
 			res.up2xx++
+			if q.Arrived.After(lastOK) {
+				lastOK = q.Arrived // fakellm admits at arrival
+			}
 		case q.Status == http.StatusTooManyRequests:
 			res.up429++
 		case q.Status == http.StatusServiceUnavailable:
@@ -599,12 +532,10 @@ func runConfig(s *scenario, limiter bool, o options) *result {
 			res.upOther++
 		}
 	}
-	up.mu.Lock()
-	res.upPeak = up.peak
-	if !up.lastOK.IsZero() {
-		res.upLastOK = up.lastOK.Sub(res.start)
+	res.upPeak = up.fake.PeakInFlight()
+	if !lastOK.IsZero() {
+		res.upLastOK = lastOK.Sub(res.start)
 	}
-	up.mu.Unlock()
 	return res
 }
 

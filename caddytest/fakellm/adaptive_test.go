@@ -801,3 +801,27 @@ func TestFaultValidation(t *testing.T) {
 		s.Close()
 	}
 }
+
+// Requests carry their arrival time, and PeakInFlight counts every request
+// inside the handler at once, refused ones included.
+func TestArrivedAndPeakInFlight(t *testing.T) {
+	s := start(t, Config{MaxConcurrent: 1, StreamChunks: 2, ChunkDelay: 200 * time.Millisecond})
+	before := time.Now()
+	var wg sync.WaitGroup
+	for range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			post(t, s, "/v1/chat/completions", `{"model":"m","stream":true,"messages":[{"role":"user","content":"x"}]}`)
+		}()
+	}
+	wg.Wait()
+	if p := s.PeakInFlight(); p < 2 || p > 3 {
+		t.Errorf("peak %d, want 2 or 3 (one served, the others refused while it streamed)", p)
+	}
+	for i, r := range s.Requests() {
+		if r.Arrived.Before(before) || r.Arrived.After(time.Now()) {
+			t.Errorf("request %d arrived at %v", i, r.Arrived)
+		}
+	}
+}

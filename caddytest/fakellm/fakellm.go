@@ -209,6 +209,8 @@ type Received struct {
 	// Status is the status code the server answered with; 0 while the
 	// request is still being served, and for good when it hung.
 	Status int
+	// Arrived is when the request arrived, by Config.Now.
+	Arrived time.Time
 	// Fault is the fault injected into the request: FaultNone, FaultFail
 	// (it was answered 503) or FaultHang (it was never answered).
 	Fault Fault
@@ -255,12 +257,15 @@ type Server struct {
 	// started with Start or Listen; empty for one made with New.
 	URL string
 
-	cfg           Config
-	lim           *limiter
-	inflight      atomic.Int64
-	maxConcurrent atomic.Int64 // 0 means unlimited
-	seq           atomic.Uint64
-	done          chan struct{}
+	cfg      Config
+	lim      *limiter
+	inflight atomic.Int64
+	// handling counts the requests inside the handler, refused ones
+	// included, and peak is the most there have been at once.
+	handling, peak atomic.Int64
+	maxConcurrent  atomic.Int64 // 0 means unlimited
+	seq            atomic.Uint64
+	done           chan struct{}
 
 	mu     sync.Mutex
 	reqs   []*Received
@@ -341,6 +346,11 @@ func (s *Server) Handler() http.Handler {
 	return http.HandlerFunc(s.serveHTTP)
 }
 
+// PeakInFlight returns the most requests there have been inside the
+// server's handler at once since it started or was Reset, refused ones
+// included: what a client that overruns a concurrency cap sends.
+func (s *Server) PeakInFlight() int { return int(s.peak.Load()) }
+
 // Requests returns a copy of the recorded requests, in arrival order.
 func (s *Server) Requests() []Received {
 	s.mu.Lock()
@@ -416,6 +426,7 @@ func (s *Server) Reset() {
 	s.epoch++
 	s.rng = newRand(s.cfg.Seed)
 	s.mu.Unlock()
+	s.peak.Store(s.handling.Load())
 	s.lim.reset()
 }
 
@@ -440,6 +451,10 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	s.wg.Add(1)
 	s.mu.Unlock()
 	defer s.wg.Done()
+	n := s.handling.Add(1)
+	for p := s.peak.Load(); n > p && !s.peak.CompareAndSwap(p, n); p = s.peak.Load() {
+	}
+	defer s.handling.Add(-1)
 
 	// The body is read whole before anything else so that its hash is
 	// recorded even for requests that are refused.
@@ -572,6 +587,7 @@ func (s *Server) record(r *http.Request, body []byte) (*Received, int) {
 		Header:     r.Header.Clone(),
 		BodySHA256: hex.EncodeToString(sum[:]),
 		BodyLen:    len(body),
+		Arrived:    s.cfg.Now(),
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
