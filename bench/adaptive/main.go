@@ -38,7 +38,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -57,14 +56,13 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"text/tabwriter"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/llmratelimit/caddy-llm-ratelimit"
+	"github.com/llmratelimit/caddy-llm-ratelimit/bench/internal/rig"
 	"github.com/llmratelimit/caddy-llm-ratelimit/caddytest/fakellm"
 )
 
@@ -176,7 +174,7 @@ func main() {
 
 	fmt.Printf("`%s`\n\n", strings.Join(append([]string{"go run ./bench/adaptive"}, os.Args[1:]...), " "))
 	fmt.Printf("Machine: %s, nproc %d, CPU %s, GOMAXPROCS %d. Load generator, Caddy and the fake upstream share this one process.\n",
-		runtime.Version(), runtime.NumCPU(), cpuModel(), runtime.GOMAXPROCS(0))
+		runtime.Version(), runtime.NumCPU(), rig.CPUModel(), runtime.GOMAXPROCS(0))
 	goroutines := runtime.NumGoroutine()
 	failed := false
 	for _, s := range selected {
@@ -196,7 +194,7 @@ func main() {
 	}
 	end := settleGoroutines(goroutines)
 	fmt.Printf("\nLoad average at the end: %s. Goroutines: %d at the start, %d at the end.\n",
-		loadAvg(), goroutines, end)
+		rig.LoadAvg(), goroutines, end)
 	if failed {
 		os.Exit(1)
 	}
@@ -312,16 +310,6 @@ func caddyfile(listen, upstream, limiter string, verbose bool) string {
 	return b.String()
 }
 
-// adapt turns a Caddyfile into JSON, with the adapter's error as is.
-func adapt(cf string) ([]byte, error) {
-	adapter := caddyconfig.GetAdapter("caddyfile")
-	if adapter == nil {
-		return nil, errors.New("caddyfile adapter not registered")
-	}
-	cfg, _, err := adapter.Adapt([]byte(cf), map[string]any{"filename": "Caddyfile"})
-	return cfg, err
-}
-
 // printConfigs prints every selected scenario's (b) Caddyfile and whether
 // it adapts, with placeholder ports.
 func printConfigs(w io.Writer, o options, selected []*scenario) {
@@ -329,7 +317,7 @@ func printConfigs(w io.Writer, o options, selected []*scenario) {
 		fmt.Fprintf(w, "# %s (b)\n", s.name)
 		cf := caddyfile(":8080", "127.0.0.1:8081", limiterBlock(s), o.verbose)
 		fmt.Fprint(w, cf)
-		if _, err := adapt(cf); err != nil {
+		if _, err := rig.Adapt(cf); err != nil {
 			fmt.Fprintf(w, "# does NOT adapt: %v\n\n", err)
 		} else {
 			fmt.Fprint(w, "# adapts: ok\n\n")
@@ -445,13 +433,13 @@ func runConfig(s *scenario, limiter bool, o options) *result {
 		return res
 	}
 	defer up.close()
-	port, err := freePort()
+	port, err := rig.FreePort()
 	if err != nil {
 		res.err = err
 		return res
 	}
 	cf := caddyfile(fmt.Sprintf(":%d", port), up.addr, block, o.verbose)
-	cfg, err := adapt(cf)
+	cfg, err := rig.Adapt(cf)
 	if err != nil {
 		res.err = fmt.Errorf("the Caddyfile does not adapt: %w", err)
 		return res
@@ -501,16 +489,6 @@ func runConfig(s *scenario, limiter bool, o options) *result {
 	res.upRecs = up.fake.Requests()
 	res.upPeak = up.fake.PeakInFlight()
 	return res
-}
-
-// freePort returns a loopback TCP port that was free a moment ago.
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
 // requestBody is an OpenAI chat completion, streamed or not.
@@ -583,7 +561,7 @@ func sdkCall(ctx context.Context, e *loadEnv, body []byte, stream bool, user str
 		if retry >= sdkMaxRetries || ctx.Err() != nil || !shouldRetry(a, stream) {
 			break
 		}
-		if !sleepUntil(ctx, time.Now().Add(retryDelay(a.header, retry, rng))) {
+		if !rig.SleepUntil(ctx, time.Now().Add(retryDelay(a.header, retry, rng))) {
 			break
 		}
 	}
@@ -658,22 +636,6 @@ func retryAfter(h http.Header) (time.Duration, bool) {
 	return 0, false
 }
 
-// sleepUntil sleeps until t, reporting false if ctx ended first.
-func sleepUntil(ctx context.Context, t time.Time) bool {
-	d := time.Until(t)
-	if d <= 0 {
-		return ctx.Err() == nil
-	}
-	timer := time.NewTimer(d)
-	defer timer.Stop()
-	select {
-	case <-timer.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
-
 // drain waits for wg, at most the longest a request can take after the
 // load stopped: each attempt has its own timeout and the SDK a bounded
 // number of them, so this bound is only reached if something is badly
@@ -695,12 +657,6 @@ func drain(ctx context.Context, cancel context.CancelFunc, e *loadEnv, wg *sync.
 	}
 }
 
-// rngFor returns the seeded generator of one stream of a scenario, the same
-// for (a) and (b).
-func rngFor(seed uint64, stream uint64) *rand.Rand {
-	return rand.New(rand.NewPCG(seed, stream))
-}
-
 // Streams of random numbers.
 const (
 	// streamArrivals draws the open-loop schedule and its users: the same
@@ -720,7 +676,7 @@ func openLoopLoad(ctx context.Context, e *loadEnv, halving bool) {
 	var wg sync.WaitGroup
 	if halving {
 		wg.Go(func() {
-			if sleepUntil(ctx, e.res.start.Add(e.o.duration/2)) {
+			if rig.SleepUntil(ctx, e.res.start.Add(e.o.duration/2)) {
 				e.up.fake.SetLimits(halvedRPM, halvedBurst, 0)
 				e.mu.Lock()
 				e.res.switchAt = time.Since(e.res.start)
@@ -729,7 +685,7 @@ func openLoopLoad(ctx context.Context, e *loadEnv, halving bool) {
 		})
 	}
 	lambda := e.o.rate * upstreamRPM / 60
-	rng := rngFor(e.o.seed, streamArrivals)
+	rng := rig.RNG(e.o.seed, streamArrivals)
 	body := requestBody(false)
 	sem := make(chan struct{}, maxInflight)
 	// A hard cap on arrivals, far above what a Poisson process at lambda
@@ -744,7 +700,7 @@ func openLoopLoad(ctx context.Context, e *loadEnv, halving bool) {
 			break
 		}
 		u := fmt.Sprintf("u%d", rng.IntN(rateUsers)) // drawn even if dropped, so the schedule stays the same
-		if !sleepUntil(ctx, next) {
+		if !rig.SleepUntil(ctx, next) {
 			break
 		}
 		maxLag = max(maxLag, time.Since(next))
@@ -755,7 +711,7 @@ func openLoopLoad(ctx context.Context, e *loadEnv, halving bool) {
 			dropped++ // open loop: never wait for a slot
 			continue
 		}
-		jitter := rngFor(e.o.seed, streamJitter+uint64(i))
+		jitter := rig.RNG(e.o.seed, streamJitter+uint64(i))
 		wg.Go(func() {
 			defer func() { <-sem }()
 			e.record(sdkCall(ctx, e, body, false, u, jitter))
@@ -783,12 +739,12 @@ func closedLoopLoad(ctx context.Context, e *loadEnv) {
 	maxIter := int(e.o.duration/time.Millisecond) + 1000
 	for i := range concWorkers {
 		user := fmt.Sprintf("c%d", i%concUsers)
-		jitter := rngFor(e.o.seed, streamJitter+uint64(i))
+		jitter := rig.RNG(e.o.seed, streamJitter+uint64(i))
 		wg.Go(func() {
 			var last time.Time
 			var gap time.Duration
 			for range maxIter {
-				if !sleepUntil(ctx, last.Add(gap)) || !time.Now().Before(e.deadline) {
+				if !rig.SleepUntil(ctx, last.Add(gap)) || !time.Now().Before(e.deadline) {
 					return
 				}
 				last = time.Now()
@@ -1002,22 +958,14 @@ func (r *result) throughput() float64 {
 }
 
 // table prints rows of label + one cell per result, aligned.
-type table struct {
-	tw *tabwriter.Writer
-}
+type table struct{ *rig.Table }
 
 func newTable(w io.Writer, rs ...*result) *table {
-	t := &table{tw: tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)}
-	cells := []string{""}
-	for _, r := range rs {
-		cells = append(cells, r.label)
+	labels := make([]string, len(rs))
+	for i, r := range rs {
+		labels[i] = r.label
 	}
-	t.row(cells...)
-	return t
-}
-
-func (t *table) row(cells ...string) {
-	fmt.Fprintln(t.tw, strings.Join(cells, "\t")+"\t")
+	return &table{rig.NewTable(w, labels...)}
 }
 
 // line adds a row whose cells are f(r) for each result, or a note when
@@ -1031,54 +979,12 @@ func (t *table) line(label string, rs []*result, f func(r *result) string) {
 			cells = append(cells, f(r))
 		}
 	}
-	t.row(cells...)
-}
-
-func (t *table) flush() { _ = t.tw.Flush() }
-
-func pct(n, of int) string {
-	if of == 0 {
-		return "–"
-	}
-	return fmt.Sprintf("%.1f %%", 100*float64(n)/float64(of))
+	t.Row(cells...)
 }
 
 func ratio(n, of int) float64 { return float64(n) / math.Max(1, float64(of)) }
 
-func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d)/float64(time.Millisecond)) }
-
 func secs(d time.Duration) string { return fmt.Sprintf("%.1f s", d.Seconds()) }
-
-// latCell is the p-th percentile of sorted for a table cell, "–" when
-// there is no sample.
-func latCell(sorted []time.Duration, p float64) string {
-	if len(sorted) == 0 {
-		return "–"
-	}
-	return ms(percentile(sorted, p))
-}
-
-// percentile returns the p-th percentile (0 < p ≤ 1) of sorted, by the
-// nearest-rank method.
-func percentile(sorted []time.Duration, p float64) time.Duration {
-	if len(sorted) == 0 {
-		return 0
-	}
-	i := int(math.Ceil(p*float64(len(sorted)))) - 1
-	return sorted[min(max(i, 0), len(sorted)-1)]
-}
-
-func verdict(ok bool) string {
-	if ok {
-		return "PASS"
-	}
-	return "FAIL"
-}
-
-// header prints a scenario's title and its effective parameters.
-func header(w io.Writer, title, params string) {
-	fmt.Fprintf(w, "\n== %s ==\n%s\n\n", title, params)
-}
 
 // params describes a scenario's upstream, (b) and load.
 func params(o options, s *scenario) string {
@@ -1145,7 +1051,7 @@ func runNotes(w io.Writer, s *scenario, rs ...*result) {
 }
 
 func report(w io.Writer, o options, s *scenario, a, b *result) {
-	header(w, s.name, params(o, s))
+	rig.Header(w, s.name, params(o, s))
 	rs := []*result{a, b}
 	t := newTable(w, rs...)
 	t.line("client requests", rs, func(r *result) string { return fmt.Sprint(r.total().requests) })
@@ -1153,8 +1059,11 @@ func report(w io.Writer, o options, s *scenario, a, b *result) {
 		t.line("  dropped by the load generator", rs, func(r *result) string { return fmt.Sprint(r.dropped) })
 	}
 	t.line("client HTTP attempts (with SDK retries)", rs, func(r *result) string { return fmt.Sprint(r.total().attempts) })
-	t.line("final 2xx", rs, func(r *result) string { c := r.total(); return fmt.Sprintf("%d (%s)", c.ok, pct(c.ok, c.requests)) })
-	t.line("final 429", rs, func(r *result) string { c := r.total(); return fmt.Sprintf("%d (%s)", c.r429, pct(c.r429, c.requests)) })
+	t.line("final 2xx", rs, func(r *result) string { c := r.total(); return fmt.Sprintf("%d (%s)", c.ok, rig.Pct(c.ok, c.requests)) })
+	t.line("final 429", rs, func(r *result) string {
+		c := r.total()
+		return fmt.Sprintf("%d (%s)", c.r429, rig.Pct(c.r429, c.requests))
+	})
 	t.line("  of which the upstream's own", rs, func(r *result) string { return fmt.Sprint(r.total().r429up) })
 	t.line("other failures: statuses / errors", rs, func(r *result) string { c := r.total(); return fmt.Sprintf("%d / %d", c.other, c.errs) })
 	t.line("  final statuses other than 2xx and 429", rs, func(r *result) string { return r.total().statusList() })
@@ -1165,7 +1074,7 @@ func report(w io.Writer, o options, s *scenario, a, b *result) {
 	t.line("upstream: attempts received", rs, func(r *result) string { return fmt.Sprint(r.up.Total) })
 	t.line("upstream: 2xx", rs, func(r *result) string { return fmt.Sprint(r.up.OK) })
 	t.line("upstream: refusals (limited+busy+failed)", rs, func(r *result) string {
-		return fmt.Sprintf("%d (%s)", r.refusals(), pct(r.refusals(), r.up.Total))
+		return fmt.Sprintf("%d (%s)", r.refusals(), rig.Pct(r.refusals(), r.up.Total))
 	})
 	t.line("  limited / busy / failed / hung", rs, func(r *result) string {
 		return fmt.Sprintf("%d / %d / %d / %d", r.up.Limited, r.up.Busy, r.up.Failed, r.up.Hung)
@@ -1188,22 +1097,22 @@ func report(w io.Writer, o options, s *scenario, a, b *result) {
 			t.line("share of the limit used", rs, func(r *result) string { return fmt.Sprintf("%.1f %%", 100*r.shareUsed()) })
 		}
 	}
-	t.line("latency p50 (2xx)", rs, func(r *result) string { return latCell(r.total().lat, 0.50) })
-	t.line("latency p99 (2xx)", rs, func(r *result) string { return latCell(r.total().lat, 0.99) })
-	t.line("latency max (2xx)", rs, func(r *result) string { return latCell(r.total().lat, 1) })
-	t.line("latency max (all)", rs, func(r *result) string { return ms(r.total().maxLatAll) })
+	t.line("latency p50 (2xx)", rs, func(r *result) string { return rig.LatCell(r.total().lat, 0.50) })
+	t.line("latency p99 (2xx)", rs, func(r *result) string { return rig.LatCell(r.total().lat, 0.99) })
+	t.line("latency max (2xx)", rs, func(r *result) string { return rig.LatCell(r.total().lat, 1) })
+	t.line("latency max (all)", rs, func(r *result) string { return rig.MS(r.total().maxLatAll) })
 	t.line(attemptsHeader+" 1 / 2 / 3 / 4+ / none", rs, func(r *result) string {
 		u := r.total().upAttempts
 		return fmt.Sprintf("%d / %d / %d / %d / %d", u[1], u[2], u[3], u[4], u[0])
 	})
 	if !s.slots {
-		t.line("arrival loop max lag", rs, func(r *result) string { return ms(r.maxLag) })
+		t.line("arrival loop max lag", rs, func(r *result) string { return rig.MS(r.maxLag) })
 	}
 	t.line("upstream in flight after the load", rs, func(r *result) string { return fmt.Sprint(r.upInflight) })
 	t.line("goroutines before / after the run", rs, func(r *result) string {
 		return fmt.Sprintf("%d / %d", r.goroutinesBefore, r.goroutinesAfter)
 	})
-	t.flush()
+	t.Flush()
 
 	if s.halving {
 		fmt.Fprintln(w)
@@ -1217,12 +1126,12 @@ func report(w io.Writer, o options, s *scenario, a, b *result) {
 			t.line(name+": client requests (by first attempt)", rs, func(r *result) string { return fmt.Sprint(r.counts(in(r)).requests) })
 			t.line(name+": final 2xx / final 429", rs, func(r *result) string {
 				c := r.counts(in(r))
-				return fmt.Sprintf("%d / %d (%s)", c.ok, c.r429, pct(c.r429, c.requests))
+				return fmt.Sprintf("%d / %d (%s)", c.ok, c.r429, rig.Pct(c.r429, c.requests))
 			})
 			t.line(name+": upstream attempts / refusals", rs, func(r *result) string {
 				from, to := lo(r)
 				n, ref := r.upIn(from, to)
-				return fmt.Sprintf("%d / %d (%s)", n, ref, pct(ref, n))
+				return fmt.Sprintf("%d / %d (%s)", n, ref, rig.Pct(ref, n))
 			})
 			t.line(name+": upstream 2xx / capacity", rs, func(r *result) string {
 				h := r.halves()
@@ -1242,7 +1151,7 @@ func report(w io.Writer, o options, s *scenario, a, b *result) {
 		t.line("switch at / tokens carried over", rs, func(r *result) string {
 			return fmt.Sprintf("%s / %.1f", secs(r.switchAt), r.halves().carried)
 		})
-		t.flush()
+		t.Flush()
 	}
 
 	fmt.Fprintln(w)
@@ -1270,14 +1179,14 @@ func report(w io.Writer, o options, s *scenario, a, b *result) {
 	}
 	c := b.total()
 	fmt.Fprintf(w, "%s  (b) client requests ending in 429 ≤ 1 %%: %d of %d = %.2f %%\n",
-		verdict(ratio(c.r429, c.requests) <= goalMax429Share), c.r429, c.requests, 100*ratio(c.r429, c.requests))
+		rig.Verdict(ratio(c.r429, c.requests) <= goalMax429Share), c.r429, c.requests, 100*ratio(c.r429, c.requests))
 	switch s.name {
 	case "faults":
 		noHang := b.drained && b.upInflight == 0 && b.goroutinesAfter <= b.goroutinesBefore+2
 		fmt.Fprintf(w, "%s  (b) every request ends with a response, no client time-out: %d time-outs, %d final errors\n",
-			verdict(c.timeouts == 0 && c.errs == 0), c.timeouts, c.errs)
+			rig.Verdict(c.timeouts == 0 && c.errs == 0), c.timeouts, c.errs)
 		fmt.Fprintf(w, "%s  (b) nothing hangs at the end: drained %v, upstream in flight %d, goroutines %d before, %d after\n",
-			verdict(noHang), b.drained, b.upInflight, b.goroutinesBefore, b.goroutinesAfter)
+			rig.Verdict(noHang), b.drained, b.upInflight, b.goroutinesBefore, b.goroutinesAfter)
 		fmt.Fprintf(w, "info  (b) final answers other than 2xx and 429: %d (%s); final 2xx %d of %d\n",
 			c.other, c.statusList(), c.ok, c.requests)
 		fmt.Fprintf(w, "info  (b) upstream rate-limit refusals (429s; injected 503s excluded): %d of %d = %.2f %%; share of the limit used %.1f %%\n",
@@ -1286,21 +1195,21 @@ func report(w io.Writer, o options, s *scenario, a, b *result) {
 		ideal := float64(gpuSlots) / serviceTime.Seconds()
 		busy := b.up.Busy + b.up.Failed
 		fmt.Fprintf(w, "%s  (b) upstream 503s ≤ 2 %% of attempts: %d of %d = %.2f %%\n",
-			verdict(ratio(busy, b.up.Total) <= goalMaxRefusalShare), busy, b.up.Total, 100*ratio(busy, b.up.Total))
+			rig.Verdict(ratio(busy, b.up.Total) <= goalMaxRefusalShare), busy, b.up.Total, 100*ratio(busy, b.up.Total))
 		fmt.Fprintf(w, "%s  (b) throughput ≥ 95 %% of %.0f/s: %.2f/s = %.1f %%\n",
-			verdict(b.throughput() >= goalMinShareUsed*ideal), ideal, b.throughput(), 100*b.throughput()/ideal)
+			rig.Verdict(b.throughput() >= goalMinShareUsed*ideal), ideal, b.throughput(), 100*b.throughput()/ideal)
 	default:
 		fmt.Fprintf(w, "%s  (b) upstream refusals ≤ 2 %% of attempts: %d of %d = %.2f %%\n",
-			verdict(ratio(b.refusals(), b.up.Total) <= goalMaxRefusalShare), b.refusals(), b.up.Total, 100*ratio(b.refusals(), b.up.Total))
+			rig.Verdict(ratio(b.refusals(), b.up.Total) <= goalMaxRefusalShare), b.refusals(), b.up.Total, 100*ratio(b.refusals(), b.up.Total))
 		if s.halving {
 			h := b.halves()
 			fmt.Fprintf(w, "%s  (b) half 1 share of its limit (%d RPM) used ≥ 95 %%: %d of %.0f = %.1f %%\n",
-				verdict(float64(h.ok1) >= goalMinShareUsed*h.cap1), upstreamRPM, h.ok1, h.cap1, 100*float64(h.ok1)/h.cap1)
+				rig.Verdict(float64(h.ok1) >= goalMinShareUsed*h.cap1), upstreamRPM, h.ok1, h.cap1, 100*float64(h.ok1)/h.cap1)
 			fmt.Fprintf(w, "%s  (b) half 2 share of its limit (%d RPM) used ≥ 95 %%: %d of %.1f = %.1f %%\n",
-				verdict(float64(h.ok2) >= goalMinShareUsed*h.cap2), halvedRPM, h.ok2, h.cap2, 100*float64(h.ok2)/h.cap2)
+				rig.Verdict(float64(h.ok2) >= goalMinShareUsed*h.cap2), halvedRPM, h.ok2, h.cap2, 100*float64(h.ok2)/h.cap2)
 		} else {
 			fmt.Fprintf(w, "%s  (b) share of the limit used ≥ 95 %%: %d of %.0f = %.1f %%\n",
-				verdict(b.shareUsed() >= goalMinShareUsed), b.up2xx(-time.Hour, 24*time.Hour), b.capacity(), 100*b.shareUsed())
+				rig.Verdict(b.shareUsed() >= goalMinShareUsed), b.up2xx(-time.Hour, 24*time.Hour), b.capacity(), 100*b.shareUsed())
 		}
 	}
 }
@@ -1336,29 +1245,4 @@ func feasibilityNotes(w io.Writer, o options, s *scenario, rs []*result) {
 		}
 		break
 	}
-}
-
-// cpuModel is the first "model name" of /proc/cpuinfo, or "unknown".
-func cpuModel() string {
-	f, err := os.Open("/proc/cpuinfo")
-	if err != nil {
-		return "unknown"
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "model name" {
-			return strings.TrimSpace(v)
-		}
-	}
-	return "unknown"
-}
-
-// loadAvg is the 1-, 5- and 15-minute load average from /proc/loadavg.
-func loadAvg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if f := strings.Fields(string(b)); err == nil && len(f) >= 3 {
-		return strings.Join(f[:3], " ")
-	}
-	return "unknown"
 }

@@ -32,7 +32,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -50,14 +49,13 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"text/tabwriter"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/llmratelimit/caddy-llm-ratelimit"
+	"github.com/llmratelimit/caddy-llm-ratelimit/bench/internal/rig"
 	"github.com/llmratelimit/caddy-llm-ratelimit/caddytest/fakellm"
 )
 
@@ -158,7 +156,7 @@ func main() {
 
 	fmt.Printf("`%s`\n\n", strings.Join(append([]string{"go run ./bench/queue"}, os.Args[1:]...), " "))
 	fmt.Printf("Machine: %s, nproc %d, CPU %s, GOMAXPROCS %d. Load generator, Caddy and the fake upstream share this one process.\n",
-		runtime.Version(), runtime.NumCPU(), cpuModel(), runtime.GOMAXPROCS(0))
+		runtime.Version(), runtime.NumCPU(), rig.CPUModel(), runtime.GOMAXPROCS(0))
 	goroutines := runtime.NumGoroutine()
 	failed := false
 	for _, s := range selected {
@@ -183,7 +181,7 @@ func main() {
 		end = runtime.NumGoroutine()
 	}
 	fmt.Printf("\nLoad average at the end: %s. Goroutines: %d at the start, %d at the end.\n",
-		loadAvg(), goroutines, end)
+		rig.LoadAvg(), goroutines, end)
 	if failed {
 		os.Exit(1)
 	}
@@ -293,16 +291,6 @@ func caddyfile(listen, upstream, limiter string, verbose bool) string {
 	return b.String()
 }
 
-// adapt turns a Caddyfile into JSON, with the adapter's error as is.
-func adapt(cf string) ([]byte, error) {
-	adapter := caddyconfig.GetAdapter("caddyfile")
-	if adapter == nil {
-		return nil, errors.New("caddyfile adapter not registered")
-	}
-	cfg, _, err := adapter.Adapt([]byte(cf), map[string]any{"filename": "Caddyfile"})
-	return cfg, err
-}
-
 // printConfigs prints every selected scenario's (b) Caddyfile and whether
 // it adapts yet, with placeholder ports.
 func printConfigs(w io.Writer, o options, selected []*scenario) {
@@ -316,7 +304,7 @@ func printConfigs(w io.Writer, o options, selected []*scenario) {
 		}
 		cf := caddyfile(":8080", "127.0.0.1:8081", lim, o.verbose)
 		fmt.Fprint(w, cf)
-		if _, err := adapt(cf); err != nil {
+		if _, err := rig.Adapt(cf); err != nil {
 			fmt.Fprintf(w, "# does NOT adapt yet: %v\n\n", err)
 		} else {
 			fmt.Fprint(w, "# adapts: ok\n\n")
@@ -465,13 +453,13 @@ func runConfig(s *scenario, limiter bool, o options) *result {
 		return res
 	}
 	defer up.close()
-	port, err := freePort()
+	port, err := rig.FreePort()
 	if err != nil {
 		res.err = err
 		return res
 	}
 	cf := caddyfile(fmt.Sprintf(":%d", port), up.addr, block, o.verbose)
-	cfg, err := adapt(cf)
+	cfg, err := rig.Adapt(cf)
 	if err != nil {
 		res.err = fmt.Errorf("the Caddyfile does not adapt: %w", err)
 		return res
@@ -537,16 +525,6 @@ func runConfig(s *scenario, limiter bool, o options) *result {
 		res.upLastOK = lastOK.Sub(res.start)
 	}
 	return res
-}
-
-// freePort returns a loopback TCP port that was free a moment ago.
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
 // requestBody is an OpenAI chat completion, streamed or not.
@@ -632,7 +610,7 @@ func poisson(ctx context.Context, e *loadEnv, wg *sync.WaitGroup, sem chan struc
 			break
 		}
 		u := user(rng) // drawn even if dropped, so the schedule stays the same
-		if !sleepUntil(ctx, next) {
+		if !rig.SleepUntil(ctx, next) {
 			break
 		}
 		maxLag = max(maxLag, time.Since(next))
@@ -661,7 +639,7 @@ func steady(ctx context.Context, e *loadEnv, wg *sync.WaitGroup, rate float64, b
 	interval := time.Duration(float64(time.Second) / rate)
 	n := 0
 	for next := e.res.start.Add(interval / 2); next.Before(e.deadline) && n < 100000; next = next.Add(interval) {
-		if !sleepUntil(ctx, next) {
+		if !rig.SleepUntil(ctx, next) {
 			break
 		}
 		n++
@@ -682,7 +660,7 @@ func closedLoop(ctx context.Context, e *loadEnv, body []byte, stream bool, user 
 	var last time.Time
 	var gap time.Duration
 	for range maxIter {
-		if !sleepUntil(ctx, last.Add(gap)) || !time.Now().Before(e.deadline) {
+		if !rig.SleepUntil(ctx, last.Add(gap)) || !time.Now().Before(e.deadline) {
 			return
 		}
 		last = time.Now()
@@ -692,22 +670,6 @@ func closedLoop(ctx context.Context, e *loadEnv, body []byte, stream bool, user 
 		if s.ok == 1 {
 			gap = 0
 		}
-	}
-}
-
-// sleepUntil sleeps until t, reporting false if ctx ended first.
-func sleepUntil(ctx context.Context, t time.Time) bool {
-	d := time.Until(t)
-	if d <= 0 {
-		return ctx.Err() == nil
-	}
-	timer := time.NewTimer(d)
-	defer timer.Stop()
-	select {
-	case <-timer.C:
-		return true
-	case <-ctx.Done():
-		return false
 	}
 }
 
@@ -729,19 +691,13 @@ func drain(ctx context.Context, cancel context.CancelFunc, e *loadEnv, wg *sync.
 	}
 }
 
-// rngFor returns the seeded generator of one stream of a scenario, the same
-// for (a) and (b).
-func rngFor(seed uint64, stream uint64) *rand.Rand {
-	return rand.New(rand.NewPCG(seed, stream))
-}
-
 func overloadLoad(ctx context.Context, e *loadEnv) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, maxInflight)
 	lambda := e.o.rate * upstreamRPM / 60
-	poisson(ctx, e, &wg, sem, rngFor(e.o.seed, 0x6f76_6572_6c6f_6164), lambda, requestBody(false),
+	poisson(ctx, e, &wg, sem, rig.RNG(e.o.seed, 0x6f76_6572_6c6f_6164), lambda, requestBody(false),
 		func(r *rand.Rand) string { return fmt.Sprintf("u%d", r.IntN(overloadUsers)) })
 	drain(ctx, cancel, e, &wg)
 }
@@ -756,7 +712,7 @@ func fairnessLoad(ctx context.Context, e *loadEnv) {
 	}
 	sem := make(chan struct{}, maxInflight)
 	if e.o.lightPoisson {
-		poisson(ctx, e, &wg, sem, rngFor(e.o.seed, 0x6c69_6768_74), lightRate, body,
+		poisson(ctx, e, &wg, sem, rig.RNG(e.o.seed, 0x6c69_6768_74), lightRate, body,
 			func(*rand.Rand) string { return "light" })
 	} else {
 		steady(ctx, e, &wg, lightRate, body, "light")
@@ -796,22 +752,14 @@ func (r *result) ceiling(o options) float64 {
 }
 
 // table prints rows of label + one cell per result, aligned.
-type table struct {
-	tw *tabwriter.Writer
-}
+type table struct{ *rig.Table }
 
 func newTable(w io.Writer, rs ...*result) *table {
-	t := &table{tw: tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)}
-	cells := []string{""}
-	for _, r := range rs {
-		cells = append(cells, r.label)
+	labels := make([]string, len(rs))
+	for i, r := range rs {
+		labels[i] = r.label
 	}
-	t.row(cells...)
-	return t
-}
-
-func (t *table) row(cells ...string) {
-	fmt.Fprintln(t.tw, strings.Join(cells, "\t")+"\t")
+	return &table{rig.NewTable(w, labels...)}
 }
 
 // line adds a row whose cells are f(r) for each result, or a note when
@@ -828,44 +776,7 @@ func (t *table) line(label string, rs []*result, f func(r *result) string) {
 			cells = append(cells, f(r))
 		}
 	}
-	t.row(cells...)
-}
-
-func (t *table) flush() { _ = t.tw.Flush() }
-
-func pct(n, of int) string {
-	if of == 0 {
-		return "–"
-	}
-	return fmt.Sprintf("%.1f %%", 100*float64(n)/float64(of))
-}
-
-func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d)/float64(time.Millisecond)) }
-
-// latCell is the p-th percentile of sorted for a table cell, "–" when
-// there is no sample.
-func latCell(sorted []time.Duration, p float64) string {
-	if len(sorted) == 0 {
-		return "–"
-	}
-	return ms(percentile(sorted, p))
-}
-
-// percentile returns the p-th percentile (0 < p ≤ 1) of sorted, by the
-// nearest-rank method.
-func percentile(sorted []time.Duration, p float64) time.Duration {
-	if len(sorted) == 0 {
-		return 0
-	}
-	i := int(math.Ceil(p*float64(len(sorted)))) - 1
-	return sorted[min(max(i, 0), len(sorted)-1)]
-}
-
-func verdict(ok bool) string {
-	if ok {
-		return "PASS"
-	}
-	return "FAIL"
+	t.Row(cells...)
 }
 
 // queueDesc describes (b)'s queue for the parameter lines.
@@ -874,11 +785,6 @@ func queueDesc(o options) string {
 		return "no queue (-rule-only)"
 	}
 	return fmt.Sprintf("queue max_wait %s", maxWait)
-}
-
-// header prints a scenario's title and its effective parameters.
-func header(w io.Writer, title, params string) {
-	fmt.Fprintf(w, "\n== %s ==\n%s\n\n", title, params)
 }
 
 // runNotes prints, for each result, why it did not run, or the sanity
@@ -919,7 +825,7 @@ func runNotes(w io.Writer, rs ...*result) {
 func overloadReport(w io.Writer, o options, a, b *result) {
 	lambda := o.rate * upstreamRPM / 60
 	refill := float64(upstreamRPM) / 60
-	header(w, "overload",
+	rig.Header(w, "overload",
 		fmt.Sprintf("Upstream: %d RPM, burst %d. Rule (b): %d requests_per_minute burst %d, %s. "+
 			"Open-loop Poisson arrivals at %.2f req/s (%.2g× the limit) from %d users for %s, seed %d; non-streamed.",
 			upstreamRPM, o.upstreamBurst, upstreamRPM, ruleBurst, queueDesc(o), lambda, o.rate, overloadUsers, o.duration, o.seed))
@@ -928,7 +834,7 @@ func overloadReport(w io.Writer, o options, a, b *result) {
 	t.line("requests sent", rs, func(r *result) string { return fmt.Sprint(r.total().sent) })
 	t.line("dropped by the load generator", rs, func(r *result) string { return fmt.Sprint(r.dropped) })
 	t.line("2xx", rs, func(r *result) string { return fmt.Sprint(r.total().ok) })
-	t.line("429 seen by clients", rs, func(r *result) string { s := r.total(); return fmt.Sprintf("%d (%s)", s.r429, pct(s.r429, s.sent)) })
+	t.line("429 seen by clients", rs, func(r *result) string { s := r.total(); return fmt.Sprintf("%d (%s)", s.r429, rig.Pct(s.r429, s.sent)) })
 	t.line("  of which the upstream's", rs, func(r *result) string { return fmt.Sprint(r.total().r429up) })
 	t.line("other statuses / errors", rs, func(r *result) string { s := r.total(); return fmt.Sprintf("%d / %d", s.other, s.errs) })
 	t.line("upstream: requests received", rs, func(r *result) string { return fmt.Sprint(r.upTotal) })
@@ -937,12 +843,12 @@ func overloadReport(w io.Writer, o options, a, b *result) {
 	t.line("span D (window or last acceptance)", rs, func(r *result) string { return fmt.Sprintf("%.1f s", r.span().Seconds()) })
 	t.line("upstream capacity over D", rs, func(r *result) string { return fmt.Sprintf("%.0f", r.capacity(o)) })
 	t.line("share of the limit used", rs, func(r *result) string { return fmt.Sprintf("%.1f %%", 100*r.shareUsed(o)) })
-	t.line("latency p50 (2xx)", rs, func(r *result) string { return latCell(r.total().lat, 0.50) })
-	t.line("latency p99 (2xx)", rs, func(r *result) string { return latCell(r.total().lat, 0.99) })
-	t.line("latency max (2xx)", rs, func(r *result) string { return ms(r.total().maxLatOK) })
-	t.line("latency max (all)", rs, func(r *result) string { return ms(r.total().maxLatAll) })
-	t.line("arrival loop max lag", rs, func(r *result) string { return ms(r.maxLag) })
-	t.flush()
+	t.line("latency p50 (2xx)", rs, func(r *result) string { return rig.LatCell(r.total().lat, 0.50) })
+	t.line("latency p99 (2xx)", rs, func(r *result) string { return rig.LatCell(r.total().lat, 0.99) })
+	t.line("latency max (2xx)", rs, func(r *result) string { return rig.MS(r.total().maxLatOK) })
+	t.line("latency max (all)", rs, func(r *result) string { return rig.MS(r.total().maxLatAll) })
+	t.line("arrival loop max lag", rs, func(r *result) string { return rig.MS(r.maxLag) })
+	t.Flush()
 	fmt.Fprintf(w, "\ncapacity = upstream burst %d + %d/60 per s × D; share used = upstream 2xx ÷ capacity.\n", o.upstreamBurst, upstreamRPM)
 	runNotes(w, a, b)
 
@@ -972,16 +878,16 @@ func overloadReport(w io.Writer, o options, a, b *result) {
 	}
 	s := b.total()
 	share429 := float64(s.r429) / math.Max(1, float64(s.sent))
-	p99 := percentile(s.lat, 0.99)
-	fmt.Fprintf(w, "%s  (b) 429s seen by clients ≤ 1 %%: %d of %d = %.2f %%\n", verdict(share429 <= goalMax429Share), s.r429, s.sent, 100*share429)
-	fmt.Fprintf(w, "%s  (b) upstream 429s = 0: %d\n", verdict(b.up429 == 0), b.up429)
+	p99 := rig.Percentile(s.lat, 0.99)
+	fmt.Fprintf(w, "%s  (b) 429s seen by clients ≤ 1 %%: %d of %d = %.2f %%\n", rig.Verdict(share429 <= goalMax429Share), s.r429, s.sent, 100*share429)
+	fmt.Fprintf(w, "%s  (b) upstream 429s = 0: %d\n", rig.Verdict(b.up429 == 0), b.up429)
 	fmt.Fprintf(w, "%s  (b) share of the limit used ≥ 98 %%: %.1f %% (%d of %.0f; best reachable with rule burst %d vs upstream %d: %.1f %%)\n",
-		verdict(b.shareUsed(o) >= goalMinShareUsed), 100*b.shareUsed(o), b.up2xx, b.capacity(o), ruleBurst, o.upstreamBurst, 100*b.ceiling(o))
-	fmt.Fprintf(w, "%s  (b) p99 latency of 2xx ≤ max_wait %s: %s\n", verdict(s.ok > 0 && p99 <= maxWait), maxWait, latCell(s.lat, 0.99))
+		rig.Verdict(b.shareUsed(o) >= goalMinShareUsed), 100*b.shareUsed(o), b.up2xx, b.capacity(o), ruleBurst, o.upstreamBurst, 100*b.ceiling(o))
+	fmt.Fprintf(w, "%s  (b) p99 latency of 2xx ≤ max_wait %s: %s\n", rig.Verdict(s.ok > 0 && p99 <= maxWait), maxWait, rig.LatCell(s.lat, 0.99))
 }
 
 func fairnessReport(w io.Writer, o options, a, b *result) {
-	header(w, "fairness",
+	rig.Header(w, "fairness",
 		fmt.Sprintf("Upstream: %d RPM, burst %d. Rule (b): %d requests_per_minute burst %d, %s. "+
 			"User heavy: %d closed-loop workers (at most one request per %s after a refusal); user light: %s %.1f req/s; for %s, seed %d; non-streamed.",
 			upstreamRPM, o.upstreamBurst, upstreamRPM, ruleBurst, queueDesc(o), heavyWorkers, retryGap, map[bool]string{true: "Poisson", false: "steady"}[o.lightPoisson], lightRate, o.duration, o.seed))
@@ -990,10 +896,10 @@ func fairnessReport(w io.Writer, o options, a, b *result) {
 	for _, u := range []string{"heavy", "light"} {
 		t.line(u+": requests", rs, func(r *result) string { return fmt.Sprint(r.user(u).sent) })
 		t.line(u+": 2xx", rs, func(r *result) string { return fmt.Sprint(r.user(u).ok) })
-		t.line(u+": 429", rs, func(r *result) string { s := r.user(u); return fmt.Sprintf("%d (%s)", s.r429, pct(s.r429, s.sent)) })
+		t.line(u+": 429", rs, func(r *result) string { s := r.user(u); return fmt.Sprintf("%d (%s)", s.r429, rig.Pct(s.r429, s.sent)) })
 		t.line(u+": other / errors", rs, func(r *result) string { s := r.user(u); return fmt.Sprintf("%d / %d", s.other, s.errs) })
-		t.line(u+": p50 (2xx)", rs, func(r *result) string { return latCell(r.user(u).lat, 0.50) })
-		t.line(u+": p99 (2xx)", rs, func(r *result) string { return latCell(r.user(u).lat, 0.99) })
+		t.line(u+": p50 (2xx)", rs, func(r *result) string { return rig.LatCell(r.user(u).lat, 0.50) })
+		t.line(u+": p99 (2xx)", rs, func(r *result) string { return rig.LatCell(r.user(u).lat, 0.99) })
 	}
 	t.line("upstream: requests received", rs, func(r *result) string { return fmt.Sprint(r.upTotal) })
 	t.line("upstream: accepted (2xx)", rs, func(r *result) string { return fmt.Sprint(r.up2xx) })
@@ -1001,7 +907,7 @@ func fairnessReport(w io.Writer, o options, a, b *result) {
 	t.line("span D (window or last acceptance)", rs, func(r *result) string { return fmt.Sprintf("%.1f s", r.span().Seconds()) })
 	t.line("upstream capacity over D", rs, func(r *result) string { return fmt.Sprintf("%.0f", r.capacity(o)) })
 	t.line("share of the limit used", rs, func(r *result) string { return fmt.Sprintf("%.1f %%", 100*r.shareUsed(o)) })
-	t.flush()
+	t.Flush()
 	fmt.Fprintf(w, "\ncapacity = upstream burst %d + %d/60 per s × D; share used = upstream 2xx ÷ capacity.\n", o.upstreamBurst, upstreamRPM)
 	runNotes(w, a, b)
 
@@ -1011,12 +917,12 @@ func fairnessReport(w io.Writer, o options, a, b *result) {
 		return
 	}
 	light, heavy := b.user("light"), b.user("heavy")
-	p99 := percentile(light.lat, 0.99)
-	fmt.Fprintf(w, "%s  (b) light gets no 429: %d of %d\n", verdict(light.r429 == 0 && light.sent > 0), light.r429, light.sent)
-	fmt.Fprintf(w, "%s  (b) light p99 ≤ %s: %s (%d 2xx)\n", verdict(light.ok > 0 && p99 <= goalLightP99), goalLightP99, latCell(light.lat, 0.99), light.ok)
-	fmt.Fprintf(w, "%s  (b) upstream 429s = 0: %d\n", verdict(b.up429 == 0), b.up429)
+	p99 := rig.Percentile(light.lat, 0.99)
+	fmt.Fprintf(w, "%s  (b) light gets no 429: %d of %d\n", rig.Verdict(light.r429 == 0 && light.sent > 0), light.r429, light.sent)
+	fmt.Fprintf(w, "%s  (b) light p99 ≤ %s: %s (%d 2xx)\n", rig.Verdict(light.ok > 0 && p99 <= goalLightP99), goalLightP99, rig.LatCell(light.lat, 0.99), light.ok)
+	fmt.Fprintf(w, "%s  (b) upstream 429s = 0: %d\n", rig.Verdict(b.up429 == 0), b.up429)
 	fmt.Fprintf(w, "%s  (b) heavy gets the rest, share of the limit used ≥ 98 %%: %.1f %% (%d of %.0f, heavy %d + light %d 2xx; best reachable with rule burst %d vs upstream %d: %.1f %%)\n",
-		verdict(b.shareUsed(o) >= goalMinShareUsed), 100*b.shareUsed(o), b.up2xx, b.capacity(o), heavy.ok, light.ok, ruleBurst, o.upstreamBurst, 100*b.ceiling(o))
+		rig.Verdict(b.shareUsed(o) >= goalMinShareUsed), 100*b.shareUsed(o), b.up2xx, b.capacity(o), heavy.ok, light.ok, ruleBurst, o.upstreamBurst, 100*b.ceiling(o))
 }
 
 // throughput is complete 2xx per second, from the start of the load to the
@@ -1031,7 +937,7 @@ func (r *result) throughput() float64 {
 
 func concurrencyReport(w io.Writer, o options, a, b *result) {
 	ideal := float64(gpuSlots) / serviceTime.Seconds()
-	header(w, "concurrency",
+	rig.Header(w, "concurrency",
 		fmt.Sprintf("Upstream: 503 above %d in flight, no rate limit, streams of %d chunks %s apart (%s per answer; at most %.1f answers/s). "+
 			"Rule (b): limit %d concurrent_requests, queue max_wait %s. %d closed-loop workers from %d users (at most one request per %s after a refusal), for %s.",
 			gpuSlots, streamChunks, chunkDelay, serviceTime, ideal, gpuSlots, maxWait, concWorkers, concUsers, retryGap, o.duration))
@@ -1047,16 +953,16 @@ func concurrencyReport(w io.Writer, o options, a, b *result) {
 		u := fmt.Sprintf("c%d", i)
 		t.line("  of which "+u, rs, func(r *result) string { return fmt.Sprint(r.user(u).ok) })
 	}
-	t.line("503 seen by clients", rs, func(r *result) string { s := r.total(); return fmt.Sprintf("%d (%s)", s.r503, pct(s.r503, s.sent)) })
+	t.line("503 seen by clients", rs, func(r *result) string { s := r.total(); return fmt.Sprintf("%d (%s)", s.r503, rig.Pct(s.r503, s.sent)) })
 	t.line("429 seen by clients", rs, func(r *result) string { return fmt.Sprint(r.total().r429) })
 	t.line("other statuses / errors", rs, func(r *result) string { s := r.total(); return fmt.Sprintf("%d / %d", s.other, s.errs) })
 	t.line("upstream: requests received", rs, func(r *result) string { return fmt.Sprint(r.upTotal) })
 	t.line("upstream: its own 503s", rs, func(r *result) string { return fmt.Sprint(r.up503) })
 	t.line("upstream: peak in flight", rs, func(r *result) string { return fmt.Sprint(r.upPeak) })
 	t.line("throughput (2xx/s)", rs, func(r *result) string { return fmt.Sprintf("%.2f", r.throughput()) })
-	t.line("latency p50 (2xx)", rs, func(r *result) string { return latCell(r.total().lat, 0.50) })
-	t.line("latency p99 (2xx)", rs, func(r *result) string { return latCell(r.total().lat, 0.99) })
-	t.flush()
+	t.line("latency p50 (2xx)", rs, func(r *result) string { return rig.LatCell(r.total().lat, 0.50) })
+	t.line("latency p99 (2xx)", rs, func(r *result) string { return rig.LatCell(r.total().lat, 0.99) })
+	t.Flush()
 	fmt.Fprintf(w, "\npeak in flight counts every request inside fakellm's handler at once, including those it refuses with 503; "+
 		"throughput = 2xx ÷ time from the start to the end of the last 2xx.\n")
 	runNotes(w, a, b)
@@ -1067,34 +973,9 @@ func concurrencyReport(w io.Writer, o options, a, b *result) {
 		return
 	}
 	s := b.total()
-	fmt.Fprintf(w, "%s  (b) no upstream 503 reaches a client: %d (upstream refused %d)\n", verdict(s.r503 == 0 && b.up503 == 0), s.r503, b.up503)
-	fmt.Fprintf(w, "%s  (b) no 429 (the queue absorbs the workers): %d\n", verdict(s.r429 == 0), s.r429)
-	fmt.Fprintf(w, "%s  (b) upstream peak in flight ≤ %d: %d\n", verdict(b.upPeak <= gpuSlots), gpuSlots, b.upPeak)
+	fmt.Fprintf(w, "%s  (b) no upstream 503 reaches a client: %d (upstream refused %d)\n", rig.Verdict(s.r503 == 0 && b.up503 == 0), s.r503, b.up503)
+	fmt.Fprintf(w, "%s  (b) no 429 (the queue absorbs the workers): %d\n", rig.Verdict(s.r429 == 0), s.r429)
+	fmt.Fprintf(w, "%s  (b) upstream peak in flight ≤ %d: %d\n", rig.Verdict(b.upPeak <= gpuSlots), gpuSlots, b.upPeak)
 	fmt.Fprintf(w, "%s  (b) throughput ≥ 95 %% of %.1f/s (this program's goal): %.2f/s = %.1f %%\n",
-		verdict(b.throughput() >= goalMinThroughput*ideal), ideal, b.throughput(), 100*b.throughput()/ideal)
-}
-
-// cpuModel is the first "model name" of /proc/cpuinfo, or "unknown".
-func cpuModel() string {
-	f, err := os.Open("/proc/cpuinfo")
-	if err != nil {
-		return "unknown"
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "model name" {
-			return strings.TrimSpace(v)
-		}
-	}
-	return "unknown"
-}
-
-// loadAvg is the 1-, 5- and 15-minute load average from /proc/loadavg.
-func loadAvg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if f := strings.Fields(string(b)); err == nil && len(f) >= 3 {
-		return strings.Join(f[:3], " ")
-	}
-	return "unknown"
+		rig.Verdict(b.throughput() >= goalMinThroughput*ideal), ideal, b.throughput(), 100*b.throughput()/ideal)
 }

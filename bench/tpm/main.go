@@ -31,7 +31,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -39,7 +38,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"math"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -51,10 +49,10 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/llmratelimit/caddy-llm-ratelimit"
+	"github.com/llmratelimit/caddy-llm-ratelimit/bench/internal/rig"
 	"github.com/llmratelimit/caddy-llm-ratelimit/caddytest/fakellm"
 )
 
@@ -194,7 +192,7 @@ func runConfig(name string, limiter bool, o options) (result, error) {
 	}
 	defer up.Close()
 
-	port, err := freePort()
+	port, err := rig.FreePort()
 	if err != nil {
 		return res, err
 	}
@@ -234,25 +232,11 @@ func caddyfile(port int, upstream string, limiter bool, o options) string {
 
 // loadCaddy adapts a Caddyfile and loads it into the process's Caddy.
 func loadCaddy(caddyfile string) error {
-	adapter := caddyconfig.GetAdapter("caddyfile")
-	if adapter == nil {
-		return errors.New("caddyfile adapter not registered")
-	}
-	cfg, _, err := adapter.Adapt([]byte(caddyfile), map[string]any{"filename": "Caddyfile"})
+	cfg, err := rig.Adapt(caddyfile)
 	if err != nil {
 		return fmt.Errorf("adapting:\n%s\n%w", caddyfile, err)
 	}
 	return caddy.Load(cfg, true)
-}
-
-// freePort returns a loopback TCP port that was free a moment ago.
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
 // requestBody is the OpenAI chat completion every request sends.
@@ -391,23 +375,6 @@ func one(ctx context.Context, client *http.Client, url string, body []byte, star
 	}
 }
 
-// percentile returns the p-th percentile (0 < p ≤ 1) of sorted, by the
-// nearest-rank method.
-func percentile(sorted []time.Duration, p float64) time.Duration {
-	if len(sorted) == 0 {
-		return 0
-	}
-	i := int(math.Ceil(p*float64(len(sorted)))) - 1
-	return sorted[min(max(i, 0), len(sorted)-1)]
-}
-
-func pct(n, of int) string {
-	if of == 0 {
-		return "–"
-	}
-	return fmt.Sprintf("%.1f %%", 100*float64(n)/float64(of))
-}
-
 func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond)) }
 
 // report prints the command, the machine and a markdown table of results.
@@ -419,7 +386,7 @@ func report(w io.Writer, o options, results []result) {
 		o.arrivalRate(), float64(o.tpm)/tokensPerRequest/60, o.tpm/60, tokensPerRequest)
 	fmt.Fprintf(w, "Machine: %s, nproc %d, CPU %s, GOMAXPROCS %d, load average at the end %s. "+
 		"Load generator, Caddy and the fake upstream share this one process.\n\n",
-		runtime.Version(), runtime.NumCPU(), cpuModel(), runtime.GOMAXPROCS(0), loadAvg())
+		runtime.Version(), runtime.NumCPU(), rig.CPUModel(), runtime.GOMAXPROCS(0), rig.LoadAvg())
 
 	capTokens := o.capacity()
 	fmt.Fprintln(w, "| configuration | sent | dropped by load gen | client 2xx | client 429 | upstream 429 | other / errors | tokens offered | tokens served | upstream capacity | share used | p50 (2xx) | p99 (2xx) |")
@@ -428,10 +395,10 @@ func report(w io.Writer, o options, results []result) {
 		slices.Sort(r.latencies)
 		served := r.ok * tokensPerRequest
 		fmt.Fprintf(w, "| %s | %d | %d | %d | %d (%s) | %d | %d / %d | %d | %d | %.0f | %.1f %% | %s | %s |\n",
-			r.name, r.sent, r.dropped, r.ok, r.client429, pct(r.client429, r.sent),
+			r.name, r.sent, r.dropped, r.ok, r.client429, rig.Pct(r.client429, r.sent),
 			r.upstreamLimited, r.other, r.errs,
 			r.sent*tokensPerRequest, served, capTokens, 100*float64(served)/capTokens,
-			ms(percentile(r.latencies, 0.50)), ms(percentile(r.latencies, 0.99)))
+			ms(rig.Percentile(r.latencies, 0.50)), ms(rig.Percentile(r.latencies, 0.99)))
 	}
 	fmt.Fprintf(w, "\nupstream capacity = TPM + TPM/60 × %.0f s; share used = tokens served ÷ capacity; "+
 		"tokens offered = sent × %d.\n", o.duration.Seconds(), tokensPerRequest)
@@ -476,38 +443,6 @@ func report(w io.Writer, o options, results []result) {
 		b := results[1]
 		share := float64(b.ok*tokensPerRequest) / capTokens
 		fmt.Fprintf(w, "\nGoals for (b): upstream 429s = %d (goal 0: %s); share used %.1f %% (goal ≥ 95 %%: %s).\n",
-			b.upstreamLimited, verdict(b.upstreamLimited == 0), 100*share, verdict(share >= 0.95))
+			b.upstreamLimited, rig.Verdict(b.upstreamLimited == 0), 100*share, rig.Verdict(share >= 0.95))
 	}
-}
-
-func verdict(ok bool) string {
-	if ok {
-		return "met"
-	}
-	return "NOT met"
-}
-
-// cpuModel is the first "model name" of /proc/cpuinfo, or "unknown".
-func cpuModel() string {
-	f, err := os.Open("/proc/cpuinfo")
-	if err != nil {
-		return "unknown"
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "model name" {
-			return strings.TrimSpace(v)
-		}
-	}
-	return "unknown"
-}
-
-// loadAvg is the 1-, 5- and 15-minute load average from /proc/loadavg.
-func loadAvg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if f := strings.Fields(string(b)); err == nil && len(f) >= 3 {
-		return strings.Join(f[:3], " ")
-	}
-	return "unknown"
 }
