@@ -640,16 +640,24 @@ func (h *Handler) queueIdentity(r *http.Request, x *exchange) {
 // releaseSlots gives back the concurrency slots the request holds, and lets
 // the next waiting request in.
 func (h *Handler) releaseSlots(x *exchange) {
-	held := append([]bucket.Charge(nil), x.extraSlots...)
+	// The refunds are built in the settlement scratch space, which
+	// settlement (deferred after this, so run before it) no longer needs.
+	refunds := x.adjust[:0]
+	for _, c := range x.extraSlots {
+		c.Cost = -c.Cost
+		refunds = append(refunds, c)
+	}
 	for i, c := range x.charges {
 		if x.charged[i] && c.Limit.Concurrent() {
-			held = append(held, c)
+			c.Cost = -c.Cost
+			refunds = append(refunds, c)
 		}
 	}
-	if len(held) == 0 {
+	x.adjust = refunds
+	if len(refunds) == 0 {
 		return
 	}
-	if err := h.state.queue.Release(held); err != nil {
+	if err := h.state.queue.Give(refunds); err != nil {
 		h.logger.Error("releasing concurrency slots", zap.Error(err))
 	}
 }

@@ -292,8 +292,15 @@ func (q *Queue) Release(charges []Charge) error {
 	for i, c := range charges {
 		refund[i] = Charge{Key: c.Key, Limit: c.Limit, Cost: -c.Cost}
 	}
-	err := q.store.Adjust(context.Background(), q.clock.Now(), refund)
-	q.Wake(charges)
+	return q.Give(refund)
+}
+
+// Give applies refunds the caller built (negative costs, in a buffer it
+// reuses) and wakes the lanes of those buckets: Release without its
+// allocation, for the end of every request that holds a slot.
+func (q *Queue) Give(refunds []Charge) error {
+	err := q.store.Adjust(context.Background(), q.clock.Now(), refunds)
+	q.Wake(refunds)
 	return err
 }
 
