@@ -264,8 +264,8 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 		if attempt > 1 && x.body != nil {
 			r.Body = io.NopCloser(bytes.NewReader(x.body))
 		}
-		epoch := x.learned.learner.BeginEpoch()
-		err := h.attempt(next, aw, r.WithContext(ctx), x.learned.learner)
+		sent := x.learned.learner.Send(h.now())
+		err := h.attempt(next, aw, r.WithContext(ctx), x.learned.learner, sent)
 		if timer != nil {
 			timer.Stop()
 		}
@@ -282,7 +282,7 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 			// nothing about the upstream's limits.
 			obs.Status = 0
 		}
-		v := x.learned.learner.ObserveSince(obs, epoch, now)
+		v := x.learned.learner.Answer(sent, obs, now)
 		if v.Changed {
 			x.learned.publishing.Lock()
 			x.learned.publish(x.learned.learner.Limits())
@@ -326,11 +326,11 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 // attempt sends the request once. reverse_proxy panics with
 // http.ErrAbortHandler when the client leaves mid-stream: the learner is
 // then told the attempt ended, and the panic goes on.
-func (h *Handler) attempt(next caddyhttp.Handler, w http.ResponseWriter, r *http.Request, l *adaptive.Learner) error {
+func (h *Handler) attempt(next caddyhttp.Handler, w http.ResponseWriter, r *http.Request, l *adaptive.Learner, sent adaptive.Attempt) error {
 	done := false
 	defer func() {
 		if !done {
-			l.Abandon()
+			l.Abandon(sent)
 		}
 	}()
 	err := next.ServeHTTP(w, r)

@@ -8,6 +8,7 @@ package adaptive
 
 import (
 	"math"
+	"slices"
 	"sync"
 	"time"
 )
@@ -32,8 +33,16 @@ const (
 	// rate, so that a limit that changes is followed within it.
 	measureWindow = 20 * time.Second
 	// minMeasureSpan is the shortest span between two refusals that gives
-	// a rate; shorter spans are too noisy.
-	minMeasureSpan = 2 * time.Second
+	// a rate when the refusals' Retry-After was precise (milliseconds, or a
+	// reset): the count between them is exact, so only the timing jitter
+	// of a few milliseconds is noise. coarseMeasureSpan is the shortest
+	// when a Retry-After was in whole seconds, which puts the upstream's
+	// next unit anywhere within a second.
+	minMeasureSpan    = 400 * time.Millisecond
+	coarseMeasureSpan = 10 * time.Second
+	// dropShare is how far below the measured rate the latest short span
+	// must measure for the limit to be taken to have dropped.
+	dropShare = 0.85
 	// backoffBase and backoffMax bound the wait after a refusal that says
 	// nothing about when to come back.
 	backoffBase = 250 * time.Millisecond
@@ -85,11 +94,30 @@ type Verdict struct {
 
 // refusal is one 429 kept for measuring the upstream's rate.
 type refusal struct {
+	// sent is when the refused request was sent: the upstream was empty
+	// then.
+	sent time.Time
 	// next is when the upstream's next unit was due: the refusal's time
 	// plus its Retry-After, or the time itself when it gave none.
 	next time.Time
-	// accepted is how many requests the upstream had accepted by then.
-	accepted int64
+	// before counts the successes sent before sent. It starts as the
+	// successes seen by the time of the refusal, and grows with those
+	// that were sent earlier but answered later (a slow or streamed
+	// answer), so that it is exact once every earlier request has been
+	// answered: the refusal is then settled (see settled).
+	before int64
+	// coarse tells whether next is only known to within a second.
+	coarse bool
+}
+
+// Attempt identifies one request sent to the upstream, from Send to
+// Answer.
+type Attempt struct {
+	// epoch is the concurrency cap's epoch at the send.
+	epoch uint64
+	// sent is when the request was sent; zero when unknown (then the
+	// answer's time stands in for it).
+	sent time.Time
 }
 
 // Learner learns one upstream's limits. It is safe for concurrent use.
@@ -102,8 +130,10 @@ type Learner struct {
 	// with that count, for measuring the rate the upstream really allows.
 	accepted int64
 	refusals []refusal
-	// measured is the rate, per second, last measured from refusals.
-	measured float64
+	// measured is the rate, per second, last measured from refusals, and
+	// lastMeasured the next due unit of the refusal it was measured to.
+	measured     float64
+	lastMeasured time.Time
 	// lastRefusal is when the upstream last refused for a rate, and
 	// firstSeen when the learner saw its first answer.
 	lastRefusal, firstSeen time.Time
@@ -112,7 +142,11 @@ type Learner struct {
 	// inflight counts requests sent and not yet answered; atCap counts
 	// successes since the concurrency cap last changed.
 	inflight int64
-	atCap    int64
+	// outstanding holds the send times of the requests in flight that
+	// Send announced, oldest first, so that a refusal is known to be
+	// settled when nothing sent before it is still out.
+	outstanding []time.Time
+	atCap       int64
 	// epoch counts the changes of the concurrency cap. A refusal of a
 	// request sent under an earlier cap says nothing about the current
 	// one: without this, a burst of refusals sent under a cap too high
@@ -143,24 +177,56 @@ func (l *Learner) Limits() Limits {
 	return l.limits
 }
 
-// Begin records that a request is being sent to the upstream.
-func (l *Learner) Begin() { l.BeginEpoch() }
+// Begin records that a request is being sent to the upstream, without
+// saying when; Observe takes its answer. Send and Answer are the precise
+// pair.
+func (l *Learner) Begin() { l.Send(time.Time{}) }
 
-// BeginEpoch records that a request is being sent to the upstream, and
-// returns the epoch to hand to ObserveSince with its answer.
-func (l *Learner) BeginEpoch() uint64 {
+// Send records that a request is being sent to the upstream at now, and
+// returns the Attempt to hand to Answer with its answer.
+func (l *Learner) Send(now time.Time) Attempt {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.inflight++
-	return l.epoch
+	if !now.IsZero() {
+		// Sends come nearly in time order: place this one from the end.
+		i := len(l.outstanding)
+		for i > 0 && l.outstanding[i-1].After(now) {
+			i--
+		}
+		l.outstanding = slices.Insert(l.outstanding, i, now)
+	}
+	return Attempt{epoch: l.epoch, sent: now}
 }
 
-// Abandon records that a request announced with Begin ended without an
-// answer to learn from (the client left and the handler was aborted).
-func (l *Learner) Abandon() {
+// Abandon records that a request announced with Send (or Begin, with a
+// zero Attempt) ended without an answer to learn from (the client left and
+// the handler was aborted).
+func (l *Learner) Abandon(a Attempt) {
 	l.mu.Lock()
 	l.inflight = max(l.inflight-1, 0)
+	l.forget(a)
 	l.mu.Unlock()
+}
+
+// forget removes a's send time from outstanding.
+func (l *Learner) forget(a Attempt) {
+	if a.sent.IsZero() {
+		return
+	}
+	// Answers come nearly in send order: look from the start.
+	for i, t := range l.outstanding {
+		if t.Equal(a.sent) {
+			l.outstanding = slices.Delete(l.outstanding, i, i+1)
+			return
+		}
+	}
+}
+
+// settled reports whether every request sent before r has been answered,
+// so that r.before is final.
+func (l *Learner) settled(r refusal) bool {
+	return len(l.outstanding) == 0 || !l.outstanding[0].Before(r.sent)
 }
 
 // Observe learns from one answer to a request announced with Begin, and
@@ -170,15 +236,21 @@ func (l *Learner) Observe(o Observation, now time.Time) Verdict {
 	l.mu.Lock()
 	epoch := l.epoch
 	l.mu.Unlock()
-	return l.ObserveSince(o, epoch, now)
+	return l.Answer(Attempt{epoch: epoch}, o, now)
 }
 
-// ObserveSince is Observe for a request sent at the given epoch.
-func (l *Learner) ObserveSince(o Observation, epoch uint64, now time.Time) Verdict {
+// Answer is Observe for a request announced with Send.
+func (l *Learner) Answer(a Attempt, o Observation, now time.Time) Verdict {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	epoch := a.epoch
+	sent := a.sent
+	if sent.IsZero() || sent.After(now) {
+		sent = now
+	}
 	inflight := l.inflight
 	l.inflight = max(l.inflight-1, 0)
+	l.forget(a)
 	if l.firstSeen.IsZero() {
 		l.firstSeen = now
 	}
@@ -225,6 +297,8 @@ func (l *Learner) ObserveSince(o Observation, epoch uint64, now time.Time) Verdi
 	case o.Status >= 200 && o.Status < 400:
 		l.accepted++
 		l.streak = 0
+		l.lateSuccess(sent)
+		l.measure(now)
 		if l.limits.Concurrent > 0 && inflight >= l.limits.Concurrent {
 			// Full use of the cap without a refusal: after a while, try
 			// one more.
@@ -254,7 +328,7 @@ func (l *Learner) ObserveSince(o Observation, epoch uint64, now time.Time) Verdi
 		l.probe(now)
 	case o.Status == 429:
 		v.Retry = true
-		v.Wait, v.Explicit = l.rateRefusal(o, now)
+		v.Wait, v.Explicit = l.rateRefusal(o, sent, now)
 	case o.Status == 503 || o.Status == 529:
 		v.Retry = true
 		if o.RetryAfter >= 0 {
@@ -308,10 +382,12 @@ func (l *Learner) ObserveSince(o Observation, epoch uint64, now time.Time) Verdi
 	return v
 }
 
-// rateRefusal learns from a 429 and returns the wait before a retry.
-func (l *Learner) rateRefusal(o Observation, now time.Time) (time.Duration, bool) {
+// rateRefusal learns from a 429 to a request sent at sent, and returns the
+// wait before a retry.
+func (l *Learner) rateRefusal(o Observation, sent, now time.Time) (time.Duration, bool) {
 	l.lastRefusal = now
 	wait, explicit := o.RetryAfter, o.RetryAfter >= 0
+	coarse := explicit && wait >= time.Second && wait%time.Second == 0
 	if !explicit && o.Requests.Remaining == 0 && o.Requests.Reset >= 0 && o.Requests.Limit > 0 {
 		// Empty, and whole again after Reset: the next request is due
 		// one interval from now, or at the reset if that is sooner.
@@ -319,6 +395,7 @@ func (l *Learner) rateRefusal(o Observation, now time.Time) (time.Duration, bool
 	}
 	if !explicit {
 		wait = l.backoff()
+		coarse = true
 	} else {
 		l.streak = 0
 	}
@@ -327,19 +404,19 @@ func (l *Learner) rateRefusal(o Observation, now time.Time) (time.Duration, bool
 	if l.limits.FromHeaders {
 		return wait, explicit
 	}
-	// No advertised limit: measure it. Between two refusals the upstream
-	// was saturated, so it accepted exactly its rate over the time from
-	// the first's next due unit to the second's.
-	l.refusals = append(l.refusals, refusal{next: next, accepted: l.accepted})
+	// No advertised limit: measure it. The upstream was empty when each
+	// refused request arrived, so every unit it made between the first
+	// refusal's next due unit and the last one's was taken by a request
+	// sent between the two refusals, and the count of those over the time
+	// between the two next units is its rate.
+	l.refusals = append(l.refusals, refusal{sent: sent, next: next, before: l.accepted, coarse: coarse})
 	for len(l.refusals) > maxRefusals || len(l.refusals) > 1 && next.Sub(l.refusals[0].next) > measureWindow {
 		l.refusals = l.refusals[1:]
 	}
-	first := l.refusals[0]
-	if span := next.Sub(first.next); span >= minMeasureSpan {
-		l.measured = float64(l.accepted-first.accepted) / span.Seconds()
-		l.measuredAt = now
-	}
 	l.probeStreak = 0
+	if l.measure(now) {
+		return wait, explicit
+	}
 	switch {
 	case l.measured > 0 && now.Sub(l.measuredAt) <= measureWindow:
 		l.setRate(l.measured * rateShare)
@@ -366,6 +443,67 @@ func (l *Learner) rateRefusal(o Observation, now time.Time) (time.Duration, bool
 		l.setRate(guess)
 	}
 	return wait, explicit
+}
+
+// lateSuccess counts a success sent at sent, answered at now, into the
+// refusals that came before its answer but after its send.
+func (l *Learner) lateSuccess(sent time.Time) {
+	for i := range l.refusals {
+		if l.refusals[i].sent.After(sent) {
+			l.refusals[i].before++
+		}
+	}
+}
+
+// measure measures the upstream's rate from the oldest and the latest
+// settled refusal kept, and reports whether it did. A refusal that is not
+// settled yet may still miss successes sent before it, and would measure
+// too low a rate.
+func (l *Learner) measure(now time.Time) bool {
+	last := len(l.refusals) - 1
+	for last > 0 && !l.settled(l.refusals[last]) {
+		last--
+	}
+	if last < 1 || !l.settled(l.refusals[0]) {
+		return false
+	}
+	latest := l.refusals[last]
+	if latest.next.Equal(l.lastMeasured) {
+		return false // measured from this one already
+	}
+	// A limit that dropped shows first in the latest span: when the
+	// shortest recent span that can measure says the rate is well below
+	// what was measured, the older refusals belong to the old limit and
+	// would only slow the descent.
+	if l.measured > 0 && !latest.coarse {
+		for j := last - 1; j > 0; j-- {
+			r := l.refusals[j]
+			span := latest.next.Sub(r.next)
+			if span < minMeasureSpan || r.coarse {
+				continue
+			}
+			if n := latest.before - r.before; n >= 1 && float64(n)/span.Seconds() < dropShare*l.measured {
+				l.refusals = l.refusals[j:]
+				last -= j
+			}
+			break
+		}
+	}
+	first := l.refusals[0]
+	need := minMeasureSpan
+	if first.coarse || latest.coarse {
+		need = coarseMeasureSpan
+	}
+	span := latest.next.Sub(first.next)
+	n := latest.before - first.before
+	if span < need || n < 1 {
+		return false
+	}
+	l.lastMeasured = latest.next
+	l.measured = float64(n) / span.Seconds()
+	l.measuredAt = now
+	l.setRate(l.measured * rateShare)
+	return true
 }
 
 // setRate sets the learned request rate, in requests per second, as a

@@ -217,7 +217,7 @@ type simConfig struct {
 	changeBy float64
 	seed     uint64
 	// plain makes the client call Begin and Observe; by default it calls
-	// BeginEpoch and ObserveSince, as the module does.
+	// Send and Answer, as the module does.
 	plain bool
 	// onAnswer, if set, is called after each Observe.
 	onAnswer func(n int, o Observation, v Verdict, lim Limits)
@@ -270,7 +270,7 @@ func runSim(cfg simConfig) *simResult {
 		at             time.Time
 		obs            Observation
 		holds, injects bool
-		epoch          uint64
+		attempt        Attempt
 		seq            int
 	}
 	var pending []answer // sorted by at, then seq
@@ -328,7 +328,7 @@ func runSim(cfg simConfig) *simResult {
 			if cfg.plain {
 				v = learner.Observe(a.obs, a.at)
 			} else {
-				v = learner.ObserveSince(a.obs, a.epoch, a.at)
+				v = learner.Answer(a.attempt, a.obs, a.at)
 			}
 			lim := learner.Limits()
 			switch s := a.obs.Status; {
@@ -374,11 +374,11 @@ func runSim(cfg simConfig) *simResult {
 			queue--
 			inflight++
 			sends++
-			var epoch uint64
+			var attempt Attempt
 			if cfg.plain {
 				learner.Begin()
 			} else {
-				epoch = learner.BeginEpoch()
+				attempt = learner.Send(now)
 			}
 			o, holds, inj := up.answer(now)
 			// Answers take their latency ±20 % (a success in the silent
@@ -390,7 +390,7 @@ func runSim(cfg simConfig) *simResult {
 					lat = time.Duration(float64(cfg.service) * (0.5 + rng.Float64()))
 				}
 			}
-			a := answer{at: now.Add(lat), obs: o, holds: holds, injects: inj, epoch: epoch, seq: seq}
+			a := answer{at: now.Add(lat), obs: o, holds: holds, injects: inj, attempt: attempt, seq: seq}
 			seq++
 			i := sort.Search(len(pending), func(i int) bool { return pending[i].at.After(a.at) })
 			pending = append(pending, answer{})
@@ -534,12 +534,14 @@ func TestLearnerSimRetryAfter(t *testing.T) {
 		okLatency time.Duration
 		// maxRefused is the share of sends the upstream may refuse. At 1
 		// request per second, each probe that finds the limit is a larger
-		// share of a small total: 7 refusals in 5 minutes are 2.3 %.
+		// share of a small total: 6 refusals in 5 minutes are 2 %.
+		// Answers that take 5 s keep the first measurement waiting for
+		// them (see Learner.measure), at the first guess, for 5 s.
 		maxRefused float64
 	}{
-		{"R=10/s", 10, 30, 100 * time.Millisecond, 0.02},
+		{"R=10/s", 10, 30, 100 * time.Millisecond, 0.005},
 		{"R=10/s,answers-take-5s", 10, 30, 5 * time.Second, 0.02},
-		{"R=1/s", 1, 3, 100 * time.Millisecond, 0.03},
+		{"R=1/s", 1, 3, 100 * time.Millisecond, 0.025},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			R := c.rate
@@ -586,6 +588,10 @@ func TestLearnerSimChange(t *testing.T) {
 				x, follow-change, refused, sends, refused5, sends5, 100*float64(refused5)/float64(sends5), 100*float64(ok5)/(newRate*180))
 			if x < 0.85 || x > 1.0 {
 				t.Errorf("30 s after the halving the learned rate is %.3f × the new rate, want within [0.85, 1.0]", x)
+			}
+			// The drop shows in the first short span measured after it.
+			if follow-change > 5*time.Second || refused > 5 {
+				t.Errorf("followed the halving after %v with %d refusals, want within 5 s and at most 5", follow-change, refused)
 			}
 		})
 		t.Run(d.String()+"/doubled", func(t *testing.T) {
@@ -696,8 +702,8 @@ func formatShare(share map[int64]float64) string {
 	return b.String()
 }
 
-// apis are the two ways a client can report its requests: BeginEpoch and
-// ObserveSince, as the module does, and plain Begin and Observe.
+// apis are the two ways a client can report its requests: Send and
+// Answer, as the module does, and plain Begin and Observe.
 var apis = []struct {
 	name  string
 	plain bool
@@ -1096,5 +1102,43 @@ func TestLearnerRefusalNeverRaisesCap(t *testing.T) {
 	l.Observe(bareObs(503), simEpoch.Add(time.Second))
 	if c := l.Limits().Concurrent; c > 4 {
 		t.Errorf("a 503 raised the learned cap from 4 to %d", c)
+	}
+}
+
+// TestLearnerMeasureWaitsForSlowAnswers: a success sent before a refusal
+// but answered after it still counts between the two refusals, and no rate
+// is measured from a refusal while requests sent before it are out (which
+// would measure too low).
+func TestLearnerMeasureWaitsForSlowAnswers(t *testing.T) {
+	l := NewLearner()
+	at := func(ms int) time.Time { return simEpoch.Add(time.Duration(ms) * time.Millisecond) }
+	refuse := func(ms int, ra time.Duration) {
+		o := bareObs(429)
+		o.RetryAfter = ra
+		l.Answer(l.Send(at(ms)), o, at(ms+1))
+	}
+	// Fast successes, then the first refusal at 1 s (next unit at 1.1 s).
+	for i := range 10 {
+		l.Answer(l.Send(at(i*100)), bareObs(200), at(i*100+5))
+	}
+	refuse(1000, 100*time.Millisecond)
+	guess := l.Limits().Requests
+	// Four requests sent between the refusals, each answered only after
+	// the second refusal: the upstream took one unit every 250 ms.
+	var slow []Attempt
+	for i := range 4 {
+		slow = append(slow, l.Send(at(1100+i*250)))
+	}
+	refuse(2090, 10*time.Millisecond) // next unit at 2.1 s
+	if got := l.Limits().Requests; got != guess {
+		t.Fatalf("measured %+v with four answers outstanding, want the first guess %+v kept", got, guess)
+	}
+	for i, a := range slow {
+		l.Answer(a, bareObs(200), at(5000+i))
+	}
+	// 4 units over [1.1 s, 2.1 s): 4 per second, paced at rateShare.
+	want := int64(math.Round(4 * rateShare * 60))
+	if got := l.Limits().Requests.Count; got != want {
+		t.Fatalf("learned %d per minute once the answers came, want %d", got, want)
 	}
 }
