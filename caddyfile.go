@@ -57,6 +57,27 @@ var shorthands = map[string]string{
 //			}
 //		}
 //		zone      <name>                  # bucket namespace; default ""
+//
+//		# where bucket states live; default memory (this process)
+//		store memory
+//		store redis {                     # shared by every Caddy that uses it
+//			address      <host:port...>   # default 127.0.0.1:6379; several: a Redis Cluster
+//			cluster                       # a cluster even with one address
+//			username     <name>
+//			password     <secret>         # e.g. {env.REDIS_PASSWORD}
+//			db           <n>              # default 0
+//			key_prefix   <prefix>         # default llmrl; the keys' cluster hash tag
+//			timeout      <duration>       # per call; default 50ms, then fail_mode applies
+//			dial_timeout <duration>       # default 1s
+//			pool_size    <n>              # default go-redis's (10 per CPU)
+//			fail_mode    open|closed|local  # while Redis is down; default local
+//			instances    <n>              # local mode divides every limit by n; default 1
+//			tls {
+//				server_name <name>
+//				ca_file     <pem-file>
+//				insecure_skip_verify
+//			}
+//		}
 //		use_handle_errors                 # refusals go to handle_errors
 //
 //		# wait for a turn instead of a 429 (without it, refuse at once)
@@ -182,6 +203,15 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.Adaptive = ac
+		case "store":
+			if err := once(name); err != nil {
+				return err
+			}
+			sc, err := parseStoreBlock(d)
+			if err != nil {
+				return err
+			}
+			h.Store = sc
 		case "tokens":
 			if err := once(name); err != nil {
 				return err
@@ -236,6 +266,128 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.Errf("llm_rate_limit: %v", err)
 	}
 	return nil
+}
+
+// parseStoreBlock parses `store memory` or `store redis [{ ... }]`.
+func parseStoreBlock(d *caddyfile.Dispenser) (*StoreConfig, error) {
+	var kind string
+	if !d.NextArg() {
+		return nil, d.Errf("store needs its kind: memory or redis")
+	}
+	kind = d.Val()
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	switch kind {
+	case "memory":
+		for nesting := d.Nesting(); d.NextBlock(nesting); {
+			return nil, d.Errf("store memory takes no options")
+		}
+		return nil, nil
+	case "redis":
+	default:
+		return nil, d.Errf("store %q: want memory or redis", kind)
+	}
+	rc := &RedisConfig{}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		if seen[name] {
+			return nil, d.Errf("store redis: %s specified more than once", name)
+		}
+		seen[name] = true
+		args := d.RemainingArgs()
+		one := func() (string, error) {
+			if len(args) != 1 {
+				return "", d.Errf("store redis: %s takes exactly one value", name)
+			}
+			return args[0], nil
+		}
+		var err error
+		var v string
+		switch name {
+		case "address", "addresses":
+			if len(args) == 0 {
+				return nil, d.Errf("store redis: %s needs at least one host:port", name)
+			}
+			rc.Addresses = args
+		case "cluster":
+			if len(args) != 0 {
+				return nil, d.ArgErr()
+			}
+			rc.Cluster = true
+		case "username":
+			rc.Username, err = one()
+		case "password":
+			rc.Password, err = one()
+		case "db":
+			if v, err = one(); err == nil {
+				if rc.DB, err = strconv.Atoi(v); err != nil || rc.DB < 0 {
+					return nil, d.Errf("store redis: db %q: want a database number", v)
+				}
+			}
+		case "key_prefix":
+			rc.KeyPrefix, err = one()
+		case "timeout", "dial_timeout":
+			if v, err = one(); err == nil {
+				dur, perr := caddy.ParseDuration(v)
+				if perr != nil || dur <= 0 {
+					return nil, d.Errf("store redis: %s %q: want a positive duration such as 50ms", name, v)
+				}
+				if name == "timeout" {
+					rc.Timeout = caddy.Duration(dur)
+				} else {
+					rc.DialTimeout = caddy.Duration(dur)
+				}
+			}
+		case "pool_size":
+			if v, err = one(); err == nil {
+				if rc.PoolSize, err = strconv.Atoi(v); err != nil || rc.PoolSize < 1 {
+					return nil, d.Errf("store redis: pool_size %q: want a positive number", v)
+				}
+			}
+		case "fail_mode":
+			if rc.FailMode, err = one(); err == nil {
+				if _, ok := failModes[rc.FailMode]; !ok {
+					return nil, d.Errf("store redis: fail_mode %q: want open, closed or local", rc.FailMode)
+				}
+			}
+		case "instances":
+			if v, err = one(); err == nil {
+				if rc.Instances, err = strconv.ParseInt(v, 10, 64); err != nil || rc.Instances < 1 {
+					return nil, d.Errf("store redis: instances %q: want a positive number", v)
+				}
+			}
+		case "tls":
+			rc.TLS = &RedisTLS{}
+			if len(args) != 0 {
+				return nil, d.ArgErr()
+			}
+			for tn := d.Nesting(); d.NextBlock(tn); {
+				opt := d.Val()
+				targs := d.RemainingArgs()
+				switch {
+				case opt == "server_name" && len(targs) == 1:
+					rc.TLS.ServerName = targs[0]
+				case opt == "ca_file" && len(targs) == 1:
+					rc.TLS.CAFile = targs[0]
+				case opt == "insecure_skip_verify" && len(targs) == 0:
+					rc.TLS.InsecureSkipVerify = true
+				default:
+					return nil, d.Errf("store redis: tls: unrecognized option %q: want server_name <name>, ca_file <path> or insecure_skip_verify", opt)
+				}
+			}
+		default:
+			return nil, d.Errf("store redis: unrecognized option %q", name)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	if _, err := rc.resolved(); err != nil {
+		return nil, d.Errf("llm_rate_limit: %v", err)
+	}
+	return &StoreConfig{Redis: rc}, nil
 }
 
 // parseAdaptiveBlock parses the adaptive block.

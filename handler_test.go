@@ -11,6 +11,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/llmratelimit/caddy-llm-ratelimit/bucket"
 	"go.uber.org/zap"
 )
 
@@ -256,7 +258,7 @@ func TestReloadKeepsState(t *testing.T) {
 	none := &Handler{}
 	newTestHandler(t, none)
 	changed.Cleanup()
-	if n := none.state.store.Len(); n != 0 {
+	if n := none.state.store.(*bucket.MemoryStore).Len(); n != 0 {
 		t.Fatalf("%d buckets left after the rule was removed", n)
 	}
 }

@@ -108,6 +108,11 @@ type Handler struct {
 	// headers and Retry-After are set either way. Default: false.
 	UseHandleErrors bool `json:"use_handle_errors,omitempty"`
 
+	// Store says where bucket states live: this process's memory (the
+	// default), or a Redis shared by several Caddy instances. See
+	// StoreConfig.
+	Store *StoreConfig `json:"store,omitempty"`
+
 	user, team     placeholder
 	account        placeholder
 	rules          []compiledRule
@@ -122,7 +127,8 @@ type Handler struct {
 	// state is kept after Cleanup: Caddy cleans up an old configuration
 	// while its last requests may still be in flight, and they must still
 	// find a store.
-	state *sharedState
+	state    *sharedState
+	stateKey string
 	// released is set (atomically) by the first Cleanup.
 	released int32
 	logger   *zap.Logger
@@ -184,7 +190,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.metrics, err = newMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
-	h.state, err = acquireState()
+	h.state, h.stateKey, err = acquireState(h.Store, h.logger)
 	if err != nil {
 		return err
 	}
@@ -207,7 +213,7 @@ func (h *Handler) Cleanup() error {
 		return nil
 	}
 	h.state.release(h.prefixes)
-	return releaseState()
+	return releaseState(h.stateKey)
 }
 
 // exchange is the per-request working set, pooled so that the decision path
@@ -466,10 +472,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	x.arrived = now
 	out, err := h.decide(r.Context(), now, x)
 	if err != nil {
-		// The in-memory store cannot fail; a shared store that does must not
-		// take the API down with it.
-		h.logger.Error("limiter store failed; request let through", zap.Error(err))
-		return next.ServeHTTP(w, r)
+		return h.storeFailed(w, r, dialect, err, next)
 	}
 	if out.shadowRefused >= 0 {
 		a := x.applied[out.shadowRefused]
@@ -686,6 +689,25 @@ func (h *Handler) refuse(w http.ResponseWriter, d tokens.Dialect, status int, ki
 	}
 	tokens.WriteError(w, d, status, kind, unit, msg)
 	return nil
+}
+
+// storeFailed answers a request whose admission the store could not decide.
+// A shared store down with fail_mode closed refuses with a 503 in the
+// dialect (the outage itself is logged once, by the store); any other error
+// (the in-memory store has none) lets the request through, so that a
+// limiter fault does not take the API down, and is logged at DEBUG only, to
+// keep a fault from flooding the log.
+func (h *Handler) storeFailed(w http.ResponseWriter, r *http.Request, d tokens.Dialect, err error, next caddyhttp.Handler) error {
+	if errors.Is(err, bucket.ErrPrimaryDown) {
+		w.Header().Set("Retry-After", "1")
+		return h.refuse(w, d, http.StatusServiceUnavailable, tokens.ErrUnavailable, "",
+			"rate limiter unavailable: its shared store does not answer; retry shortly")
+	}
+	if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
+		return nil // the client left while its request was decided
+	}
+	h.logger.Debug("limiter store failed; request let through", zap.Error(err))
+	return next.ServeHTTP(w, r)
 }
 
 // Interface guards

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
 
 	"github.com/llmratelimit/caddy-llm-ratelimit/bucket"
 )
@@ -15,9 +16,10 @@ import (
 // reference, before the old one is cleaned up, so the buckets carry over.
 var states = caddy.NewUsagePool()
 
-// stateKey names the in-memory state in the pool. There is one per process:
-// zones and rule ids keep handlers apart inside it.
-const stateKey = "llm_rate_limit/memory"
+// memoryStateKey names the in-memory state in the pool. There is one per
+// process: zones and rule ids keep handlers apart inside it. A Redis store
+// has one state per Redis configuration (see RedisConfig.poolKey).
+const memoryStateKey = "llm_rate_limit/memory"
 
 // sweepInterval is how often drained buckets are dropped. Dropping a full
 // bucket changes no decision, so the interval only trades memory for work.
@@ -26,7 +28,16 @@ const sweepInterval = time.Minute
 // sharedState is the limiter state shared by every llm_rate_limit handler of
 // every loaded configuration.
 type sharedState struct {
-	store *bucket.MemoryStore
+	store bucket.Store
+	// sweeper drops the drained buckets of the store's memory, if it keeps
+	// any (the in-memory store, or a Redis store's local fallback).
+	sweeper interface{ Sweep(time.Time) int }
+	// shared is set when other Caddy instances use the same store: a rule
+	// this process drops may be theirs still, so its buckets are left to
+	// expire instead of being deleted.
+	shared bool
+	// closer, if set, closes the store's connections when the state goes.
+	closer func() error
 	// queue holds the requests waiting for their turn. Requests that wait
 	// across a reload stay in it and are served by the same queue.
 	queue *bucket.Queue
@@ -42,28 +53,49 @@ type sharedState struct {
 	done chan struct{}
 }
 
-func acquireState() (*sharedState, error) {
-	v, _, err := states.LoadOrNew(stateKey, func() (caddy.Destructor, error) {
+// acquireState returns the state for the store configuration (nil: the
+// in-memory store) and the key to release it with.
+func acquireState(cfg *StoreConfig, logger *zap.Logger) (*sharedState, string, error) {
+	key, build := memoryStateKey, func() (*sharedState, error) {
 		store := bucket.NewMemoryStore()
-		s := &sharedState{
-			store:    store,
-			queue:    bucket.NewQueue(store, bucket.SystemClock{}),
-			learners: learners{m: make(map[learnerKey]*learned)},
-			refs:     make(map[string]int),
-			stop:     make(chan struct{}),
-			done:     make(chan struct{}),
+		return newSharedState(store, store), nil
+	}
+	if cfg != nil && cfg.Redis != nil {
+		rc, err := cfg.Redis.resolved()
+		if err != nil {
+			return nil, "", err
+		}
+		key, build = rc.poolKey(), func() (*sharedState, error) { return newRedisState(rc, logger) }
+	}
+	v, _, err := states.LoadOrNew(key, func() (caddy.Destructor, error) {
+		s, err := build()
+		if err != nil {
+			return nil, err
 		}
 		go s.sweep()
 		return s, nil
 	})
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
-	return v.(*sharedState), nil
+	return v.(*sharedState), key, nil
 }
 
-func releaseState() error {
-	_, err := states.Delete(stateKey)
+// newSharedState returns a state over store, whose memory sweeper sweeps.
+func newSharedState(store bucket.Store, sweeper interface{ Sweep(time.Time) int }) *sharedState {
+	return &sharedState{
+		store:    store,
+		sweeper:  sweeper,
+		queue:    bucket.NewQueue(store, bucket.SystemClock{}),
+		learners: learners{m: make(map[learnerKey]*learned)},
+		refs:     make(map[string]int),
+		stop:     make(chan struct{}),
+		done:     make(chan struct{}),
+	}
+}
+
+func releaseState(key string) error {
+	_, err := states.Delete(key)
 	return err
 }
 
@@ -71,6 +103,9 @@ func releaseState() error {
 func (s *sharedState) Destruct() error {
 	close(s.stop)
 	<-s.done
+	if s.closer != nil {
+		return s.closer()
+	}
 	return nil
 }
 
@@ -83,7 +118,7 @@ func (s *sharedState) sweep() {
 		case <-s.stop:
 			return
 		case now := <-t.C:
-			s.store.Sweep(now)
+			s.sweeper.Sweep(now)
 		}
 	}
 }
@@ -108,6 +143,8 @@ func (s *sharedState) release(prefixes []string) {
 			continue
 		}
 		delete(s.refs, p)
-		s.store.DeletePrefix(context.Background(), []byte(p))
+		if !s.shared {
+			s.store.DeletePrefix(context.Background(), []byte(p))
+		}
 	}
 }

@@ -1,11 +1,13 @@
 package caddytest
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"maps"
 	"math"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -16,6 +18,7 @@ import (
 	"time"
 
 	"github.com/llmratelimit/caddy-llm-ratelimit/caddytest/fakellm"
+	"github.com/llmratelimit/caddy-llm-ratelimit/internal/redistest"
 )
 
 const examplesDir = "../examples"
@@ -478,5 +481,23 @@ func TestExampleQueue(t *testing.T) {
 	}
 	if waited == 0 {
 		t.Errorf("no llama request waited for a slot")
+	}
+}
+
+// TestExampleRedis: the Redis example as written, against a real
+// redis-server: the per-user limit is counted in Redis.
+func TestExampleRedis(t *testing.T) {
+	rs := redistest.Start(t)
+	t.Setenv("REDIS_ADDR", rs.Addr())
+	t.Setenv("REDIS_PASSWORD", "")
+	h, _ := loadSeedExample(t, "redis.Caddyfile", fakellm.Config{})
+	for i := range 50 {
+		wantStatus(t, fmt.Sprintf("alice %d", i), h.chat("gpt-4o", "X-User", "alice"), http.StatusOK)
+	}
+	wantStatus(t, "alice 51", h.chat("gpt-4o", "X-User", "alice"), http.StatusTooManyRequests)
+	wantStatus(t, "bob", h.chat("gpt-4o", "X-User", "bob"), http.StatusOK)
+	keys, err := rs.Client(t).Keys(context.Background(), "{team-gateway}*").Result()
+	if err != nil || len(keys) == 0 {
+		t.Fatalf("no bucket under {team-gateway} in Redis (%v): the example does not use it", err)
 	}
 }

@@ -20,6 +20,9 @@ const (
 	ErrTooLarge
 	// ErrBadRequest is a body the module could not read (a *ParseError).
 	ErrBadRequest
+	// ErrUnavailable is the gateway unable to decide (its shared store is
+	// down and fails closed); SDKs retry it like a provider's 503.
+	ErrUnavailable
 )
 
 // errBufPool recycles response buffers: under a flood every refused request
@@ -56,6 +59,8 @@ func appendError(b []byte, d Dialect, status int, kind ErrorKind, unit, message 
 			typ = "rate_limit_error"
 		case ErrTooLarge:
 			typ = "request_too_large"
+		case ErrUnavailable:
+			typ = "api_error"
 		}
 		b = append(b, `{"type":"error","error":{"type":`...)
 		b = appendJSONString(b, typ)
@@ -64,8 +69,11 @@ func appendError(b []byte, d Dialect, status int, kind ErrorKind, unit, message 
 		return append(b, "}}"...)
 	case DialectGemini:
 		st := "INVALID_ARGUMENT"
-		if kind == ErrRateLimited {
+		switch kind {
+		case ErrRateLimited:
 			st = "RESOURCE_EXHAUSTED"
+		case ErrUnavailable:
+			st = "UNAVAILABLE"
 		}
 		b = append(b, `{"error":{"code":`...)
 		b = strconv.AppendInt(b, int64(status), 10)
@@ -88,6 +96,8 @@ func appendError(b []byte, d Dialect, status int, kind ErrorKind, unit, message 
 		}
 	case ErrTooLarge:
 		code = "request_too_large"
+	case ErrUnavailable:
+		typ, code = "server_error", "service_unavailable"
 	}
 	b = append(b, `{"error":{"message":`...)
 	b = appendJSONString(b, message)

@@ -1,0 +1,743 @@
+package bucket_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/llmratelimit/caddy-llm-ratelimit/bucket"
+	"github.com/llmratelimit/caddy-llm-ratelimit/bucket/storetest"
+)
+
+// quietRedisLog drops go-redis's log lines: the tests stop servers on
+// purpose, and the client logs every dial that fails then.
+type quietRedisLog struct{}
+
+func (quietRedisLog) Printf(context.Context, string, ...any) {}
+
+func init() { redis.SetLogger(quietRedisLog{}) }
+
+// redisServer is a redis-server process the test started, on a loopback
+// port of its own, with persistence off and its files in a temporary
+// directory.
+type redisServer struct {
+	tb   testing.TB
+	path string
+	dir  string
+	port int
+	// extra are more arguments for redis-server.
+	extra []string
+	cmd   *exec.Cmd
+	// exited is closed when the process has exited.
+	exited chan struct{}
+}
+
+// redisServerPath finds redis-server. Without it the test is skipped, unless
+// the CI environment variable is set: CI installs it, so there its absence
+// is a failure.
+func redisServerPath(tb testing.TB) string {
+	tb.Helper()
+	path, err := exec.LookPath("redis-server")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			tb.Fatalf("redis-server not found, and CI is set: %v", err)
+		}
+		tb.Skipf("redis-server not found: %v", err)
+	}
+	return path
+}
+
+// startRedis starts a redis-server for the test, which kills it at the end.
+func startRedis(tb testing.TB, extra ...string) *redisServer {
+	tb.Helper()
+	s := &redisServer{tb: tb, path: redisServerPath(tb), dir: tb.TempDir(), extra: extra}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	s.port = l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	s.start()
+	tb.Cleanup(s.stop)
+	return s
+}
+
+func (s *redisServer) addr() string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(s.port)) }
+
+// start runs the server (again) on its port and waits until it answers.
+func (s *redisServer) start() {
+	s.tb.Helper()
+	args := append([]string{
+		"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--dir", s.dir,
+		"--daemonize", "no", "--loglevel", "warning",
+	}, s.extra...)
+	s.cmd = exec.Command(s.path, args...)
+	var out strings.Builder
+	s.cmd.Stdout, s.cmd.Stderr = &out, &out
+	if err := s.cmd.Start(); err != nil {
+		s.tb.Fatalf("starting redis-server: %v", err)
+	}
+	exited := make(chan struct{})
+	s.exited = exited
+	go func(cmd *exec.Cmd) { cmd.Wait(); close(exited) }(s.cmd)
+
+	c := redis.NewClient(&redis.Options{Addr: s.addr(), MaxRetries: -1, DialTimeout: time.Second})
+	defer c.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		select {
+		case <-exited:
+			s.tb.Fatalf("redis-server exited at start: %s", out.String())
+		default:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		err := c.Ping(ctx).Err()
+		cancel()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			s.tb.Fatalf("redis-server did not answer within 10s: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// stop kills the server, if it runs, and waits for it to exit.
+func (s *redisServer) stop() {
+	if s.cmd == nil {
+		return
+	}
+	s.cmd.Process.Kill()
+	select {
+	case <-s.exited:
+	case <-time.After(10 * time.Second):
+		s.tb.Errorf("redis-server %d did not exit within 10s of a kill", s.cmd.Process.Pid)
+	}
+	s.cmd = nil
+}
+
+// client returns a client of the server, closed at the end of the test.
+// ContextTimeoutEnabled makes context deadlines bound network waits, as the
+// module configures it.
+func (s *redisServer) client(tb testing.TB) *redis.Client {
+	c := redis.NewClient(&redis.Options{Addr: s.addr(), ContextTimeoutEnabled: true})
+	tb.Cleanup(func() { c.Close() })
+	return c
+}
+
+// prefixes hands out a fresh key prefix per store, so that stores on one
+// server start empty.
+var prefixes atomic.Int64
+
+func newTestRedisStore(c redis.UniversalClient, callerTime bool) *bucket.RedisStore {
+	return bucket.NewRedisStore(c, bucket.RedisOptions{
+		Prefix:     fmt.Sprintf("test%d", prefixes.Add(1)),
+		CallerTime: callerTime,
+	})
+}
+
+func TestRedisStoreConformance(t *testing.T) {
+	c := startRedis(t).client(t)
+	storetest.Run(t, func(*testing.T) bucket.Store { return newTestRedisStore(c, true) })
+}
+
+// startRedisCluster starts a Redis Cluster of three masters, each with a
+// third of the slots, and returns a client of it.
+func startRedisCluster(t *testing.T) *redis.ClusterClient {
+	ctx := context.Background()
+	var nodes []*redisServer
+	for i := 0; i < 3; i++ {
+		nodes = append(nodes, startRedis(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"))
+	}
+	const slots = 16384
+	for i, n := range nodes {
+		c := n.client(t)
+		if err := c.ClusterAddSlotsRange(ctx, i*slots/3, (i+1)*slots/3-1).Err(); err != nil {
+			t.Fatal(err)
+		}
+		if i > 0 {
+			if err := c.ClusterMeet(ctx, "127.0.0.1", strconv.Itoa(nodes[0].port)).Err(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for _, n := range nodes {
+		c := n.client(t)
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			info, err := c.ClusterInfo(ctx).Result()
+			if err == nil && strings.Contains(info, "cluster_state:ok") && strings.Contains(info, "cluster_known_nodes:3") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("cluster not ready within 20s: %v %s", err, info)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{nodes[0].addr()}, ContextTimeoutEnabled: true})
+	t.Cleanup(func() { cc.Close() })
+	return cc
+}
+
+// TestRedisStoreCluster runs the conformance suite on a Redis Cluster, where
+// every store's keys must share a slot (the hash tag) for the script to run,
+// and DeletePrefix must walk every master.
+func TestRedisStoreCluster(t *testing.T) {
+	cc := startRedisCluster(t)
+	ctx := context.Background()
+	storetest.Run(t, func(*testing.T) bucket.Store { return newTestRedisStore(cc, true) })
+
+	// Stores spread over the masters, and DeletePrefix finds each one's
+	// buckets wherever they live.
+	l := bucket.Limit{Count: 5, Window: time.Minute}
+	masters := map[string]bool{}
+	for i := 0; i < 12; i++ {
+		prefix := fmt.Sprintf("spread%d", i)
+		s := bucket.NewRedisStore(cc, bucket.RedisOptions{Prefix: prefix})
+		cs := []bucket.Charge{{Key: []byte("rule\x1fa"), Limit: l, Cost: 1}, {Key: []byte("rule\x1fb"), Limit: l, Cost: 1}, {Key: []byte("other"), Limit: l, Cost: 1}}
+		if _, err := s.Reserve(ctx, time.Now(), cs, 0, nil); err != nil {
+			t.Fatal(err)
+		}
+		node, err := cc.MasterForKey(ctx, "{"+prefix+"}x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		masters[node.Options().Addr] = true
+		if n, err := s.DeletePrefix(ctx, []byte("rule\x1f")); err != nil || n != 2 {
+			t.Fatalf("store %d: DeletePrefix = %d, %v; want 2", i, n, err)
+		}
+	}
+	if len(masters) < 2 {
+		t.Fatalf("12 prefixes all landed on %d master(s)", len(masters))
+	}
+}
+
+// TestRedisStoreMatchesMemory runs random calls on a RedisStore and a
+// MemoryStore side by side, with times that never go backwards, and checks
+// that every decision, state and error agree exactly: mixed kinds of limits,
+// limit changes (rescales), reservations, debts and refunds.
+func TestRedisStoreMatchesMemory(t *testing.T) {
+	c := startRedis(t).client(t)
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(3, 4))
+	limits := []bucket.Limit{
+		{Count: 60, Window: time.Minute},
+		{Count: 60, Window: time.Minute, Burst: 7},
+		{Count: 7, Window: time.Second},
+		{Count: 1000, Window: time.Hour, Burst: 13},
+		{Count: 100000, Window: 24 * time.Hour},
+		// Its capacity keeps levels, rescaled to the slowest limit here
+		// (3.6s a unit), well within the store's 2⁵² ns saturation.
+		{Count: 999_999_937, Window: 24 * time.Hour, Burst: 50_000},
+		{Count: 3},
+		{Count: 10},
+	}
+	for trial := 0; trial < 4; trial++ {
+		rs, ms := newTestRedisStore(c, true), bucket.NewMemoryStore()
+		now := time.Date(2026, 3, 1, 12, 0, 0, 123456789, time.UTC)
+		for step := 0; step < 1500; step++ {
+			now = now.Add(time.Duration(rng.Int64N(int64(3 * time.Second))))
+			n := 1 + rng.IntN(3)
+			perm := rng.Perm(5)
+			cs := make([]bucket.Charge, n)
+			for i := range cs {
+				l := limits[rng.IntN(len(limits))]
+				cost := rng.Int64N(l.Capacity()/2 + 2)
+				if rng.IntN(10) == 0 {
+					cost = rng.Int64N(3*l.Capacity() + 1) // oversize ones too
+				}
+				cs[i] = bucket.Charge{Key: fmt.Appendf(nil, "k%d", perm[i]), Limit: l, Cost: cost}
+			}
+			where := fmt.Sprintf("trial %d step %d %+v", trial, step, cs)
+			switch op := rng.IntN(10); {
+			case op < 6:
+				maxWait := []time.Duration{0, 0, time.Second, time.Minute}[rng.IntN(4)]
+				ss, sm := make([]bucket.State, n), make([]bucket.State, n)
+				dr, err := rs.Reserve(ctx, now, cs, maxWait, ss)
+				if err != nil {
+					t.Fatal(err)
+				}
+				dm, _ := ms.Reserve(ctx, now, cs, maxWait, sm)
+				if dr != dm || fmt.Sprint(ss) != fmt.Sprint(sm) {
+					t.Fatalf("%s: Reserve(maxWait %s): redis %+v %+v, memory %+v %+v", where, maxWait, dr, ss, dm, sm)
+				}
+			case op < 8:
+				for i := range cs {
+					cs[i].Cost = rng.Int64N(2*cs[i].Limit.Capacity()+1) - cs[i].Limit.Capacity()
+				}
+				if err := rs.Adjust(ctx, now, cs); err != nil {
+					t.Fatal(err)
+				}
+				ms.Adjust(ctx, now, cs)
+			default:
+				ss, sm := make([]bucket.State, n), make([]bucket.State, n)
+				if err := rs.Peek(ctx, now, cs, ss); err != nil {
+					t.Fatal(err)
+				}
+				ms.Peek(ctx, now, cs, sm)
+				if fmt.Sprint(ss) != fmt.Sprint(sm) {
+					t.Fatalf("%s: Peek: redis %+v, memory %+v", where, ss, sm)
+				}
+			}
+		}
+	}
+}
+
+// TestRedisStoreRescaleExact checks the script's big-integer rescale against
+// Go's on large and awkward numbers: limits of up to a trillion units a day
+// to a handful a second and back.
+func TestRedisStoreRescaleExact(t *testing.T) {
+	c := startRedis(t).client(t)
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(5, 6))
+	windows := []time.Duration{time.Second, time.Minute, time.Hour, 24 * time.Hour, 7 * time.Nanosecond * 1_000_000_007}
+	randLimit := func() bucket.Limit {
+		w := windows[rng.IntN(len(windows))]
+		count := 1 + rng.Int64N(min(int64(w), 1_000_000_000_000))
+		if rng.IntN(2) == 0 {
+			count = 1 + rng.Int64N(1000)
+		}
+		return bucket.Limit{Count: count, Window: w, Burst: rng.Int64N(3) * rng.Int64N(count+1)}
+	}
+	now := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	checked := 0
+	for i := 0; i < 3000; i++ {
+		rs, ms := newTestRedisStore(c, true), bucket.NewMemoryStore()
+		from, to := randLimit(), randLimit()
+		cost := 1 + rng.Int64N(from.Capacity())
+		key := []byte("r")
+		for _, s := range []bucket.Store{rs, ms} {
+			if _, err := s.Reserve(ctx, now, []bucket.Charge{{Key: key, Limit: from, Cost: cost}}, 0, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		sr, sm := make([]bucket.State, 1), make([]bucket.State, 1)
+		if err := rs.Peek(ctx, now, []bucket.Charge{{Key: key, Limit: to, Cost: 1}}, sr); err != nil {
+			t.Fatal(err)
+		}
+		ms.Peek(ctx, now, []bucket.Charge{{Key: key, Limit: to, Cost: 1}}, sm)
+		if sm[0].ResetAfter >= 1<<52 {
+			// Beyond the store's documented saturation: Redis caps at 2⁵² ns.
+			if sr[0].ResetAfter != 1<<52 || sr[0].Remaining != 0 {
+				t.Fatalf("%+v → %+v: saturated backlog: redis %+v", from, to, sr[0])
+			}
+			continue
+		}
+		checked++
+		if sr[0] != sm[0] {
+			t.Fatalf("%+v cost %d → %+v: redis %+v, memory %+v", from, cost, to, sr[0], sm[0])
+		}
+	}
+	if checked < 1000 {
+		t.Fatalf("only %d cases within range", checked)
+	}
+}
+
+// redisCounter is a go-redis hook that counts the commands sent to the
+// server (a pipeline counts once: it is one round trip), and remembers the
+// names of the last ones.
+type redisCounter struct {
+	n     atomic.Int64
+	mu    sync.Mutex
+	names []string
+}
+
+func (h *redisCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *redisCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		h.record(cmd.Name())
+		return next(ctx, cmd)
+	}
+}
+
+func (h *redisCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		h.record("pipeline")
+		return next(ctx, cmds)
+	}
+}
+
+func (h *redisCounter) record(name string) {
+	h.n.Add(1)
+	h.mu.Lock()
+	if len(h.names) < 1000 {
+		h.names = append(h.names, name)
+	}
+	h.mu.Unlock()
+}
+
+// reset forgets what was counted so far.
+func (h *redisCounter) reset() {
+	h.n.Store(0)
+	h.mu.Lock()
+	h.names = nil
+	h.mu.Unlock()
+}
+
+func (h *redisCounter) roundTrips() int64 { return h.n.Load() }
+
+// scripts returns the script commands recorded, leaving out what a new
+// connection sends to set itself up (HELLO, CLIENT SETINFO).
+func (h *redisCounter) scripts() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var out []string
+	for _, n := range h.names {
+		if strings.HasPrefix(n, "eval") {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// TestRedisStoreOneRoundTrip checks that, once the script is loaded, each
+// Reserve, Adjust and Peek is exactly one command, whatever the number of
+// buckets.
+func TestRedisStoreOneRoundTrip(t *testing.T) {
+	c := startRedis(t).client(t)
+	var h redisCounter
+	c.AddHook(&h)
+	s := newTestRedisStore(c, false)
+	ctx := context.Background()
+	l := bucket.Limit{Count: 1000, Window: time.Minute}
+	cs := []bucket.Charge{
+		{Key: []byte("a"), Limit: l, Cost: 1},
+		{Key: []byte("b"), Limit: l, Cost: 1},
+		{Key: []byte("c"), Limit: bucket.Limit{Count: 100}, Cost: 1},
+	}
+	st := make([]bucket.State, len(cs))
+	// The first call on a fresh server loads the script: EVALSHA answers
+	// NOSCRIPT, and EVAL follows (besides the connection's setup).
+	if _, err := s.Reserve(ctx, time.Now(), cs, 0, st); err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(h.scripts()); got != "[evalsha eval]" {
+		t.Errorf("first Reserve sent %v, want [evalsha eval]", got)
+	}
+	const calls = 50
+	h.reset()
+	for i := 0; i < calls; i++ {
+		if d, err := s.Reserve(ctx, time.Now(), cs, 0, st); err != nil || !d.Allowed {
+			t.Fatalf("Reserve %d: %+v, %v", i, d, err)
+		}
+	}
+	if n := h.roundTrips(); n != calls || len(h.scripts()) != calls {
+		t.Fatalf("%d Reserves took %d round trips (%d scripts), want one each", calls, n, len(h.scripts()))
+	}
+	h.reset()
+	if err := s.Adjust(ctx, time.Now(), cs); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Peek(ctx, time.Now(), cs, st); err != nil {
+		t.Fatal(err)
+	}
+	if n := h.roundTrips(); n != 2 {
+		t.Fatalf("an Adjust and a Peek took %d round trips, want 2", n)
+	}
+	if st[2].Remaining != 100-calls-2 {
+		t.Fatalf("concurrency bucket after %d holds: %+v", calls+2, st[2])
+	}
+}
+
+// TestRedisStoreClockNeverRunsBack checks that, in caller-time mode, a stale
+// time is read as the latest one a bucket has seen, and that in server-time
+// mode a caller's time changes nothing.
+func TestRedisStoreClockNeverRunsBack(t *testing.T) {
+	c := startRedis(t).client(t)
+	ctx := context.Background()
+	now := time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)
+	l := bucket.Limit{Count: 1, Window: time.Minute}
+	cs := []bucket.Charge{{Key: []byte("k"), Limit: l, Cost: 1}}
+	for _, callerTime := range []bool{true, false} {
+		s := newTestRedisStore(c, callerTime)
+		if d, err := s.Reserve(ctx, now, cs, 0, nil); err != nil || !d.Allowed {
+			t.Fatalf("callerTime %v: first: %+v, %v", callerTime, d, err)
+		}
+		// An hour-old timestamp must not see the bucket as it was an hour ago.
+		st := make([]bucket.State, 1)
+		d, err := s.Reserve(ctx, now.Add(-time.Hour), cs, 0, st)
+		if err != nil || d.Allowed || st[0].ResetAfter <= 59*time.Second {
+			t.Fatalf("callerTime %v: stale timestamp: %+v %+v, %v; want refused, reset about 60s", callerTime, d, st[0], err)
+		}
+	}
+}
+
+// TestRedisStoreTTL checks that every key written expires: a rate bucket
+// when it is full again plus the slack, a concurrency bucket after
+// RedisConcurrencyTTL; and that a full or empty bucket is deleted.
+func TestRedisStoreTTL(t *testing.T) {
+	c := startRedis(t).client(t)
+	ctx := context.Background()
+	s := bucket.NewRedisStore(c, bucket.RedisOptions{Prefix: "ttl"})
+	rate := bucket.Limit{Count: 60, Window: time.Minute}
+	conc := bucket.Limit{Count: 5}
+	cs := []bucket.Charge{{Key: []byte("rate"), Limit: rate, Cost: 30}, {Key: []byte("conc"), Limit: conc, Cost: 2}}
+	if d, err := s.Reserve(ctx, time.Now(), cs, 0, nil); err != nil || !d.Allowed {
+		t.Fatalf("Reserve: %+v, %v", d, err)
+	}
+	ttl := func(key string) time.Duration {
+		t.Helper()
+		d, err := c.PTTL(ctx, "{ttl}"+key).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	// 30 of 60 per minute: full again in 30s.
+	if d := ttl("rate"); d <= 29*time.Second || d > 30*time.Second+bucket.RedisExpirySlack {
+		t.Errorf("rate bucket expires in %s, want 30s + %s", d, bucket.RedisExpirySlack)
+	}
+	if d := ttl("conc"); d <= bucket.RedisConcurrencyTTL-time.Minute || d > bucket.RedisConcurrencyTTL {
+		t.Errorf("concurrency bucket expires in %s, want %s", d, bucket.RedisConcurrencyTTL)
+	}
+	// More debt moves the expiry on.
+	if err := s.Adjust(ctx, time.Now(), cs[:1]); err != nil {
+		t.Fatal(err)
+	}
+	if d := ttl("rate"); d <= 59*time.Second || d > time.Minute+bucket.RedisExpirySlack {
+		t.Errorf("rate bucket in debt expires in %s, want 60s + %s", d, bucket.RedisExpirySlack)
+	}
+	// Given back in full, both keys go.
+	cs[0].Cost, cs[1].Cost = -1000, -2
+	if err := s.Adjust(ctx, time.Now(), cs); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Exists(ctx, "{ttl}rate", "{ttl}conc").Result(); err != nil || n != 0 {
+		t.Fatalf("after giving everything back, %d keys remain (%v)", n, err)
+	}
+	// No key is ever left without an expiry.
+	cs[0].Cost, cs[1].Cost = 1, 1
+	for i := 0; i < 20; i++ {
+		cs[0].Key, cs[1].Key = fmt.Appendf(nil, "r%d", i), fmt.Appendf(nil, "c%d", i)
+		s.Reserve(ctx, time.Now(), cs, 0, nil)
+	}
+	keys, err := c.Keys(ctx, "{ttl}*").Result()
+	if err != nil || len(keys) != 40 {
+		t.Fatalf("%d keys (%v), want 40", len(keys), err)
+	}
+	for _, k := range keys {
+		if d := ttl(strings.TrimPrefix(k, "{ttl}")); d <= 0 {
+			t.Errorf("key %q has no expiry (PTTL %s)", k, d)
+		}
+	}
+}
+
+// TestRedisStoreServerTime checks the production mode, where the script
+// reads the server's clock and ignores the caller's.
+func TestRedisStoreServerTime(t *testing.T) {
+	c := startRedis(t).client(t)
+	ctx := context.Background()
+	s := newTestRedisStore(c, false)
+	// Times the store must ignore: far in the past and the future.
+	bogus := []time.Time{time.Unix(0, 0), time.Date(2090, 1, 1, 0, 0, 0, 0, time.UTC), {}}
+	l := bucket.Limit{Count: 3, Window: time.Minute}
+	cs := []bucket.Charge{{Key: []byte("k"), Limit: l, Cost: 1}}
+	st := make([]bucket.State, 1)
+	for i := 0; i < 3; i++ {
+		d, err := s.Reserve(ctx, bogus[i], cs, 0, st)
+		if err != nil || !d.Allowed || d.Delay != 0 {
+			t.Fatalf("unit %d: %+v, %v", i, d, err)
+		}
+		if st[0].Remaining != int64(2-i) {
+			t.Fatalf("unit %d: %+v, want remaining %d", i, st[0], 2-i)
+		}
+	}
+	d, err := s.Reserve(ctx, bogus[0], cs, 0, st)
+	if err != nil || d.Allowed || d.Limiting != 0 {
+		t.Fatalf("fourth unit: %+v, %v; want refused", d, err)
+	}
+	// 20s per unit, less the little time that has passed on the server.
+	if d.Delay > 20*time.Second || d.Delay < 15*time.Second {
+		t.Fatalf("fourth unit: delay %s, want just under 20s", d.Delay)
+	}
+	if st[0].Remaining != 0 || st[0].ResetAfter > time.Minute || st[0].ResetAfter < 55*time.Second {
+		t.Fatalf("after refusal: %+v, want remaining 0, reset just under 60s", st[0])
+	}
+	// A reservation within maxWait is admitted with the predicted delay.
+	if d, err := s.Reserve(ctx, bogus[1], cs, time.Minute, st); err != nil || !d.Allowed || d.Delay < 15*time.Second || d.Delay > 20*time.Second {
+		t.Fatalf("reservation: %+v, %v", d, err)
+	}
+
+	// Time passing on the server frees units: 20 per second with no burst
+	// beyond one, so the next unit conforms within 50ms; wait what the
+	// store says, and it is admitted.
+	fast := []bucket.Charge{{Key: []byte("fast"), Limit: bucket.Limit{Count: 20, Window: time.Second, Burst: 1}, Cost: 1}}
+	if d, err := s.Reserve(ctx, bogus[2], fast, 0, nil); err != nil || !d.Allowed {
+		t.Fatalf("fast: %+v, %v", d, err)
+	}
+	d, err = s.Reserve(ctx, bogus[2], fast, 0, nil)
+	if err != nil || d.Allowed || d.Delay <= 0 || d.Delay > 50*time.Millisecond {
+		t.Fatalf("fast, at once: %+v, %v; want refused for up to 50ms", d, err)
+	}
+	time.Sleep(d.Delay + time.Millisecond)
+	if d, err := s.Reserve(ctx, bogus[0], fast, 0, nil); err != nil || !d.Allowed {
+		t.Fatalf("fast, after the delay: %+v, %v; want admitted", d, err)
+	}
+}
+
+// TestRedisStoreDeletePrefixGlob checks that DeletePrefix matches its prefix
+// literally, glob characters included, in the bucket prefix and the store's.
+func TestRedisStoreDeletePrefixGlob(t *testing.T) {
+	c := startRedis(t).client(t)
+	ctx := context.Background()
+	l := bucket.Limit{Count: 5, Window: time.Minute}
+	weird := bucket.NewRedisStore(c, bucket.RedisOptions{Prefix: `p*[?]\`, CallerTime: true})
+	plain := bucket.NewRedisStore(c, bucket.RedisOptions{Prefix: `pX[?]\`, CallerTime: true})
+	keys := []string{`r*?[a-z]\` + "\x1fk", `r*?[a-z]\` + "\x1fj", `rX?[a-z]\` + "\x1fk", `r*Q[a-z]\` + "\x1fk", `r*?a\` + "\x1fk", `r*?[a-z]X`}
+	now := time.Now()
+	for _, s := range []*bucket.RedisStore{weird, plain} {
+		for _, k := range keys {
+			if _, err := s.Reserve(ctx, now, []bucket.Charge{{Key: []byte(k), Limit: l, Cost: 5}}, 0, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// Many more keys than one SCAN batch, to cover the cursor loop.
+	for i := 0; i < 2500; i++ {
+		k := fmt.Appendf(nil, "r*?[a-z]\\\x1fmany%d", i)
+		weird.Reserve(ctx, now, []bucket.Charge{{Key: k, Limit: l, Cost: 1}}, 0, nil)
+	}
+	n, err := weird.DeletePrefix(ctx, []byte(`r*?[a-z]\`+"\x1f"))
+	if err != nil || n != 2502 {
+		t.Fatalf("DeletePrefix = %d, %v; want 2502", n, err)
+	}
+	left, err := c.Keys(ctx, "*").Result()
+	if err != nil || len(left) != 2*len(keys)-2 {
+		t.Fatalf("%d keys left (%v), want %d: %q", len(left), err, 2*len(keys)-2, left)
+	}
+	for _, k := range left {
+		if strings.HasPrefix(k, `{p*[?]\}r*?[a-z]\`+"\x1f") {
+			t.Errorf("key %q survived", k)
+		}
+	}
+	if n, err := weird.DeletePrefix(ctx, []byte("nothing")); err != nil || n != 0 {
+		t.Fatalf("DeletePrefix(nothing) = %d, %v", n, err)
+	}
+	// An empty prefix forgets the store's buckets, and only its own.
+	if n, err := weird.DeletePrefix(ctx, nil); err != nil || n != len(keys)-2 {
+		t.Fatalf("DeletePrefix(empty) = %d, %v; want %d", n, err, len(keys)-2)
+	}
+	if n, err := c.DBSize(ctx).Result(); err != nil || n != int64(len(keys)) {
+		t.Fatalf("%d keys left (%v), want the other store's %d", n, err, len(keys))
+	}
+}
+
+// TestRedisStoreKeysAndOptions checks the key layout and the options'
+// validation.
+func TestRedisStoreKeysAndOptions(t *testing.T) {
+	c := startRedis(t).client(t)
+	ctx := context.Background()
+	s := bucket.NewRedisStore(c, bucket.RedisOptions{})
+	cs := []bucket.Charge{{Key: []byte("rule\x1fuser"), Limit: bucket.Limit{Count: 1, Window: time.Minute}, Cost: 1}}
+	if _, err := s.Reserve(ctx, time.Now(), cs, 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Exists(ctx, "{"+bucket.DefaultRedisPrefix+"}rule\x1fuser").Result(); err != nil || n != 1 {
+		t.Fatalf("key under the default prefix: exists %d, %v", n, err)
+	}
+	for _, p := range []string{"a{b", "a}b", "{x}"} {
+		if err := (bucket.RedisOptions{Prefix: p}).Validate(); err == nil {
+			t.Errorf("prefix %q accepted", p)
+		}
+	}
+	if err := (bucket.RedisOptions{Prefix: "llm:rl*"}).Validate(); err != nil {
+		t.Errorf("prefix without braces refused: %v", err)
+	}
+	// No charges: nothing to ask the server.
+	if d, err := s.Reserve(ctx, time.Now(), nil, 0, nil); err != nil || !d.Allowed || d.Limiting != -1 {
+		t.Fatalf("Reserve with no charges: %+v, %v", d, err)
+	}
+}
+
+// TestRedisStoreErrors checks that server errors come back as errors, never
+// as panics or decisions.
+func TestRedisStoreErrors(t *testing.T) {
+	srv := startRedis(t)
+	c := srv.client(t)
+	ctx := context.Background()
+	s := bucket.NewRedisStore(c, bucket.RedisOptions{Prefix: "err"})
+	// A key of another type where a bucket should be.
+	if err := c.HSet(ctx, "{err}hash", "f", "v").Err(); err != nil {
+		t.Fatal(err)
+	}
+	cs := []bucket.Charge{{Key: []byte("hash"), Limit: bucket.Limit{Count: 1, Window: time.Second}, Cost: 1}}
+	d, err := s.Reserve(ctx, time.Now(), cs, 0, make([]bucket.State, 1))
+	if err == nil || !strings.Contains(err.Error(), "WRONGTYPE") || d.Allowed {
+		t.Fatalf("Reserve on a hash: %+v, %v; want a WRONGTYPE error", d, err)
+	}
+	if err := s.Adjust(ctx, time.Now(), cs); err == nil {
+		t.Fatal("Adjust on a hash: no error")
+	}
+	if err := s.Peek(ctx, time.Now(), cs, make([]bucket.State, 1)); err == nil {
+		t.Fatal("Peek on a hash: no error")
+	}
+	// A value that is not a bucket is taken for an empty bucket.
+	c.Set(ctx, "{err}junk", "not a bucket", 0)
+	cs[0].Key = []byte("junk")
+	if d, err := s.Reserve(ctx, time.Now(), cs, 0, nil); err != nil || !d.Allowed {
+		t.Fatalf("Reserve over junk: %+v, %v", d, err)
+	}
+	// Too few states.
+	if err := s.Peek(ctx, time.Now(), append(cs, cs[0]), make([]bucket.State, 1)); err == nil {
+		t.Fatal("Peek with too few states: no error")
+	}
+	// A canceled context and a stopped server.
+	canceled, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := s.Reserve(canceled, time.Now(), cs, 0, nil); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Reserve with a canceled context: %v", err)
+	}
+	srv.stop()
+	if _, err := s.Reserve(ctx, time.Now(), cs, 0, nil); err == nil {
+		t.Fatal("Reserve with the server stopped: no error")
+	}
+	if _, err := s.DeletePrefix(ctx, []byte("x")); err == nil {
+		t.Fatal("DeletePrefix with the server stopped: no error")
+	}
+}
+
+// BenchmarkRedisReserve measures one admission over three buckets against a
+// local redis-server, and reports the round trips each takes.
+func BenchmarkRedisReserve(b *testing.B) {
+	srv := startRedis(b)
+	c := srv.client(b)
+	var h redisCounter
+	c.AddHook(&h)
+	s := newTestRedisStore(c, false)
+	l := bucket.Limit{Count: 1e9, Window: time.Second}
+	cs := []bucket.Charge{
+		{Key: []byte("rule-a\x1fuser@example.com\x1fgpt-4o"), Limit: l, Cost: 1},
+		{Key: []byte("rule-b\x1fteam-backend"), Limit: l, Cost: 1},
+		{Key: []byte("model:gpt-4o"), Limit: l, Cost: 1},
+	}
+	st := make([]bucket.State, len(cs))
+	ctx := context.Background()
+	if _, err := s.Reserve(ctx, time.Now(), cs, 0, st); err != nil { // loads the script
+		b.Fatal(err)
+	}
+	h.reset()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		if _, err := s.Reserve(ctx, time.Now(), cs, 0, st); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(h.roundTrips())/float64(b.N), "roundtrips/op")
+}
