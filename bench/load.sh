@@ -4,13 +4,16 @@
 # Runs, on loopback and in the same invocation:
 #   (a) Caddy with reverse_proxy alone                   (bench/proxy.Caddyfile)
 #   (b) Caddy with llm_rate_limit + the same reverse_proxy (bench/llm.Caddyfile)
+#   (c) the same as (b) with the Redis store (bench/llm-redis.Caddyfile), on
+#       a redis-server this script starts on loopback; skipped with REDIS=0
+#       or when redis-server is not installed
 # both in front of one static upstream, a Caddy `respond` site
 # (bench/upstream.Caddyfile). wrk POSTs a ~1 KB OpenAI chat body with an
 # X-User header (bench/post.lua), with the same settings for (a) and (b), in
 # alternating runs (a, b, a, b, ...) so that drift of the machine (thermal,
 # noisy neighbours, page cache) hits both alike. It prints requests/s and p99
 # latency of every run, the median (and mean) of each configuration, and the
-# ratio b/a of the medians.
+# ratios b/a, c/a and c/b of the medians.
 #
 # Usage, from anywhere in the repository:
 #   bench/load.sh
@@ -20,6 +23,7 @@
 #   WARMUP=5s       unmeasured run against each configuration first
 #   THREADS=2 CONNECTIONS=32   wrk -t and -c
 #   BENCH_PROXY_PORT=18080 BENCH_LLM_PORT=18081 BENCH_UPSTREAM_PORT=18090
+#   REDIS=1 BENCH_LLM_REDIS_PORT=18082 BENCH_REDIS_PORT=18379
 #
 # It installs nothing, except wrk when it is missing and the script runs as
 # root (Debian package `wrk`). It needs Go to build ./cmd/caddy.
@@ -40,6 +44,17 @@ CONNECTIONS=${CONNECTIONS:-32}
 export BENCH_PROXY_PORT=${BENCH_PROXY_PORT:-18080}
 export BENCH_LLM_PORT=${BENCH_LLM_PORT:-18081}
 export BENCH_UPSTREAM_PORT=${BENCH_UPSTREAM_PORT:-18090}
+export BENCH_LLM_REDIS_PORT=${BENCH_LLM_REDIS_PORT:-18082}
+export BENCH_REDIS_PORT=${BENCH_REDIS_PORT:-18379}
+REDIS=${REDIS:-1}
+if [ "$REDIS" = 1 ] && ! command -v redis-server >/dev/null 2>&1; then
+	echo "== redis-server not installed: skipping (c); apt-get install redis-server to include it"
+	REDIS=0
+fi
+configs=(a b)
+if [ "$REDIS" = 1 ]; then
+	configs+=(c)
+fi
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bench="$root/bench"
@@ -105,9 +120,22 @@ wait_port() { # name port
 start upstream "$bench/upstream.Caddyfile"
 start proxy "$bench/proxy.Caddyfile"
 start llm "$bench/llm.Caddyfile"
+if [ "$REDIS" = 1 ]; then
+	redis-server --port "$BENCH_REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+		--dir "$work" --daemonize no --loglevel warning >"$work/redis.log" 2>&1 &
+	pids+=($!)
+	for _ in $(seq 1 100); do
+		if redis-cli -p "$BENCH_REDIS_PORT" ping >/dev/null 2>&1; then break; fi
+		sleep 0.1
+	done
+	start llm-redis "$bench/llm-redis.Caddyfile"
+fi
 wait_port upstream "$BENCH_UPSTREAM_PORT"
 wait_port proxy "$BENCH_PROXY_PORT"
 wait_port llm "$BENCH_LLM_PORT"
+if [ "$REDIS" = 1 ]; then
+	wait_port llm-redis "$BENCH_LLM_REDIS_PORT"
+fi
 
 # Sanity: (b) really runs the limiter (its headers are there) and (a) does not.
 probe() { # port
@@ -127,17 +155,25 @@ if grep -qi '^RateLimit-Policy:' <<<"$hdr_a"; then
 	echo "(a) unexpectedly answered with RateLimit-Policy" >&2
 	exit 1
 fi
+if [ "$REDIS" = 1 ]; then
+	hdr_c=$(probe "$BENCH_LLM_REDIS_PORT")
+	if ! grep -qi '^RateLimit-Policy:' <<<"$hdr_c" || [ "$(redis-cli -p "$BENCH_REDIS_PORT" dbsize)" = 0 ]; then
+		echo "(c) did not answer with RateLimit-Policy, or wrote nothing to Redis" >&2
+		echo "$hdr_c" >&2
+		exit 1
+	fi
+fi
 
 # --- runs -----------------------------------------------------------------
-url() { # a|b
-	if [ "$1" = a ]; then
-		echo "http://127.0.0.1:$BENCH_PROXY_PORT/v1/chat/completions"
-	else
-		echo "http://127.0.0.1:$BENCH_LLM_PORT/v1/chat/completions"
-	fi
+url() { # a|b|c
+	case "$1" in
+	a) echo "http://127.0.0.1:$BENCH_PROXY_PORT/v1/chat/completions" ;;
+	b) echo "http://127.0.0.1:$BENCH_LLM_PORT/v1/chat/completions" ;;
+	c) echo "http://127.0.0.1:$BENCH_LLM_REDIS_PORT/v1/chat/completions" ;;
+	esac
 }
 
-# run a|b duration: runs wrk and prints "rps p99_ms socket_errors". A run
+# run a|b|c duration: runs wrk and prints "rps p99_ms socket_errors". A run
 # with non-2xx answers stops the script: the limiter refused something, so it
 # would not measure the same work as (a). Socket errors (wrk's 2 s timeouts,
 # typically when a neighbour takes the CPU) are reported and the run is kept;
@@ -174,25 +210,34 @@ fi
 echo "== wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency -s bench/post.lua" \
 	"($(wrk -t1 -c1 -d1s -s "$bench/post.lua" "$(url a)" | awk '/^body_bytes/ {print $2}') byte body), $ROUNDS rounds"
 echo "== warm-up ($WARMUP each)"
-run a "$WARMUP" >/dev/null
-run b "$WARMUP" >/dev/null
+for c in "${configs[@]}"; do
+	run "$c" "$WARMUP" >/dev/null
+done
 
-declare -a rps_a=() p99_a=() rps_b=() p99_b=()
+declare -a rps_a=() p99_a=() rps_b=() p99_b=() rps_c=() p99_c=()
 printf '%-6s %-24s %12s %10s %9s\n' round config requests/s p99_ms sock_err
 for i in $(seq 1 "$ROUNDS"); do
-	for c in a b; do
+	for c in "${configs[@]}"; do
 		# A plain assignment, so that a failed run stops the script (set -e).
 		res=$(run "$c" "$DURATION")
 		read -r rps p99 errs <<<"$res"
-		if [ "$c" = a ]; then
+		case "$c" in
+		a)
 			rps_a+=("$rps")
 			p99_a+=("$p99")
 			name="(a) reverse_proxy"
-		else
+			;;
+		b)
 			rps_b+=("$rps")
 			p99_b+=("$p99")
 			name="(b) llm_rate_limit+rp"
-		fi
+			;;
+		c)
+			rps_c+=("$rps")
+			p99_c+=("$p99")
+			name="(c) (b) on Redis"
+			;;
+		esac
 		printf '%-6s %-24s %12s %10s %9s\n' "$i" "$name" "$rps" "$p99" "$errs"
 	done
 done
@@ -211,4 +256,13 @@ printf '%-33s %10s req/s (%s)  p99 %s ms (%s)\n' "(b) llm_rate_limit+reverse_pro
 	"$mb" "$(mean "${rps_b[@]}")" "$pb" "$(mean "${p99_b[@]}")"
 awk -v a="$ma" -v b="$mb" -v pa="$pa" -v pb="$pb" 'BEGIN {
 	printf "ratio b/a (medians): requests/s %.3f, p99 %.3f\n", b / a, pb / pa }'
+if [ "$REDIS" = 1 ]; then
+	mc=$(median "${rps_c[@]}") pc=$(median "${p99_c[@]}")
+	printf '%-33s %10s req/s (%s)  p99 %s ms (%s)\n' "(c) the same, Redis store" \
+		"$mc" "$(mean "${rps_c[@]}")" "$pc" "$(mean "${p99_c[@]}")"
+	awk -v a="$ma" -v b="$mb" -v c="$mc" -v pa="$pa" -v pb="$pb" -v pc="$pc" 'BEGIN {
+	printf "ratio c/a (medians): requests/s %.3f, p99 %.3f\n", c / a, pc / pa
+	printf "ratio c/b (medians): requests/s %.3f, p99 %.3f  (Redis store against the in-memory one)\n", c / b, pc / pb }'
+	echo "redis: $(redis-cli -p "$BENCH_REDIS_PORT" info commandstats | grep -E '^cmdstat_(evalsha|eval):' | tr -d '\r')"
+fi
 echo "raw wrk output: $out_dir"

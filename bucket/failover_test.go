@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/llmratelimit/caddy-llm-ratelimit/bucket"
+	"github.com/llmratelimit/caddy-llm-ratelimit/internal/redistest"
 )
 
 // fakeBehavior is what a fakePrimary does on a call.
@@ -532,8 +533,8 @@ func TestFailoverCallerGone(t *testing.T) {
 func TestFailoverRedis(t *testing.T) {
 	for _, mode := range []bucket.FailMode{bucket.FailOpen, bucket.FailClosed, bucket.FailLocal} {
 		t.Run(mode.String(), func(t *testing.T) {
-			srv := startRedis(t)
-			c := srv.client(t)
+			srv := redistest.Start(t)
+			c := srv.Client(t)
 			rs := bucket.NewRedisStore(c, bucket.RedisOptions{Prefix: "fo"})
 			const timeout = 50 * time.Millisecond
 			var ev events
@@ -558,7 +559,7 @@ func TestFailoverRedis(t *testing.T) {
 				t.Fatalf("healthy: the bucket is not in redis (%d, %v)", n, err)
 			}
 
-			srv.stop()
+			srv.Stop()
 			for i := 0; i < 6; i++ {
 				var d bucket.Decision
 				var err error
@@ -588,7 +589,7 @@ func TestFailoverRedis(t *testing.T) {
 				t.Fatalf("down %v, outages %d, recoveries %d", f.Down(), ev.outages.Load(), ev.recoveries.Load())
 			}
 
-			srv.start()
+			srv.Restart()
 			eventually(t, "recovery", func() bool {
 				bounded("reserve during recovery", func() { f.Reserve(ctx, time.Now(), cs, 0, nil) })
 				return ev.recoveries.Load() == 1

@@ -5,9 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net"
-	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -19,125 +16,8 @@ import (
 
 	"github.com/llmratelimit/caddy-llm-ratelimit/bucket"
 	"github.com/llmratelimit/caddy-llm-ratelimit/bucket/storetest"
+	"github.com/llmratelimit/caddy-llm-ratelimit/internal/redistest"
 )
-
-// quietRedisLog drops go-redis's log lines: the tests stop servers on
-// purpose, and the client logs every dial that fails then.
-type quietRedisLog struct{}
-
-func (quietRedisLog) Printf(context.Context, string, ...any) {}
-
-func init() { redis.SetLogger(quietRedisLog{}) }
-
-// redisServer is a redis-server process the test started, on a loopback
-// port of its own, with persistence off and its files in a temporary
-// directory.
-type redisServer struct {
-	tb   testing.TB
-	path string
-	dir  string
-	port int
-	// extra are more arguments for redis-server.
-	extra []string
-	cmd   *exec.Cmd
-	// exited is closed when the process has exited.
-	exited chan struct{}
-}
-
-// redisServerPath finds redis-server. Without it the test is skipped, unless
-// the CI environment variable is set: CI installs it, so there its absence
-// is a failure.
-func redisServerPath(tb testing.TB) string {
-	tb.Helper()
-	path, err := exec.LookPath("redis-server")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			tb.Fatalf("redis-server not found, and CI is set: %v", err)
-		}
-		tb.Skipf("redis-server not found: %v", err)
-	}
-	return path
-}
-
-// startRedis starts a redis-server for the test, which kills it at the end.
-func startRedis(tb testing.TB, extra ...string) *redisServer {
-	tb.Helper()
-	s := &redisServer{tb: tb, path: redisServerPath(tb), dir: tb.TempDir(), extra: extra}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	s.port = l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	s.start()
-	tb.Cleanup(s.stop)
-	return s
-}
-
-func (s *redisServer) addr() string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(s.port)) }
-
-// start runs the server (again) on its port and waits until it answers.
-func (s *redisServer) start() {
-	s.tb.Helper()
-	args := append([]string{
-		"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--dir", s.dir,
-		"--daemonize", "no", "--loglevel", "warning",
-	}, s.extra...)
-	s.cmd = exec.Command(s.path, args...)
-	var out strings.Builder
-	s.cmd.Stdout, s.cmd.Stderr = &out, &out
-	if err := s.cmd.Start(); err != nil {
-		s.tb.Fatalf("starting redis-server: %v", err)
-	}
-	exited := make(chan struct{})
-	s.exited = exited
-	go func(cmd *exec.Cmd) { cmd.Wait(); close(exited) }(s.cmd)
-
-	c := redis.NewClient(&redis.Options{Addr: s.addr(), MaxRetries: -1, DialTimeout: time.Second})
-	defer c.Close()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		select {
-		case <-exited:
-			s.tb.Fatalf("redis-server exited at start: %s", out.String())
-		default:
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		err := c.Ping(ctx).Err()
-		cancel()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			s.tb.Fatalf("redis-server did not answer within 10s: %v", err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// stop kills the server, if it runs, and waits for it to exit.
-func (s *redisServer) stop() {
-	if s.cmd == nil {
-		return
-	}
-	s.cmd.Process.Kill()
-	select {
-	case <-s.exited:
-	case <-time.After(10 * time.Second):
-		s.tb.Errorf("redis-server %d did not exit within 10s of a kill", s.cmd.Process.Pid)
-	}
-	s.cmd = nil
-}
-
-// client returns a client of the server, closed at the end of the test.
-// ContextTimeoutEnabled makes context deadlines bound network waits, as the
-// module configures it.
-func (s *redisServer) client(tb testing.TB) *redis.Client {
-	c := redis.NewClient(&redis.Options{Addr: s.addr(), ContextTimeoutEnabled: true})
-	tb.Cleanup(func() { c.Close() })
-	return c
-}
 
 // prefixes hands out a fresh key prefix per store, so that stores on one
 // server start empty.
@@ -151,7 +31,7 @@ func newTestRedisStore(c redis.UniversalClient, callerTime bool) *bucket.RedisSt
 }
 
 func TestRedisStoreConformance(t *testing.T) {
-	c := startRedis(t).client(t)
+	c := redistest.Start(t).Client(t)
 	storetest.Run(t, func(*testing.T) bucket.Store { return newTestRedisStore(c, true) })
 }
 
@@ -159,24 +39,24 @@ func TestRedisStoreConformance(t *testing.T) {
 // third of the slots, and returns a client of it.
 func startRedisCluster(t *testing.T) *redis.ClusterClient {
 	ctx := context.Background()
-	var nodes []*redisServer
+	var nodes []*redistest.Server
 	for i := 0; i < 3; i++ {
-		nodes = append(nodes, startRedis(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"))
+		nodes = append(nodes, redistest.Start(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"))
 	}
 	const slots = 16384
 	for i, n := range nodes {
-		c := n.client(t)
+		c := n.Client(t)
 		if err := c.ClusterAddSlotsRange(ctx, i*slots/3, (i+1)*slots/3-1).Err(); err != nil {
 			t.Fatal(err)
 		}
 		if i > 0 {
-			if err := c.ClusterMeet(ctx, "127.0.0.1", strconv.Itoa(nodes[0].port)).Err(); err != nil {
+			if err := c.ClusterMeet(ctx, "127.0.0.1", strconv.Itoa(nodes[0].Port())).Err(); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
 	for _, n := range nodes {
-		c := n.client(t)
+		c := n.Client(t)
 		deadline := time.Now().Add(20 * time.Second)
 		for {
 			info, err := c.ClusterInfo(ctx).Result()
@@ -189,7 +69,7 @@ func startRedisCluster(t *testing.T) *redis.ClusterClient {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
-	cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{nodes[0].addr()}, ContextTimeoutEnabled: true})
+	cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{nodes[0].Addr()}, ContextTimeoutEnabled: true})
 	t.Cleanup(func() { cc.Close() })
 	return cc
 }
@@ -232,7 +112,7 @@ func TestRedisStoreCluster(t *testing.T) {
 // that every decision, state and error agree exactly: mixed kinds of limits,
 // limit changes (rescales), reservations, debts and refunds.
 func TestRedisStoreMatchesMemory(t *testing.T) {
-	c := startRedis(t).client(t)
+	c := redistest.Start(t).Client(t)
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(3, 4))
 	limits := []bucket.Limit{
@@ -302,7 +182,7 @@ func TestRedisStoreMatchesMemory(t *testing.T) {
 // Go's on large and awkward numbers: limits of up to a trillion units a day
 // to a handful a second and back.
 func TestRedisStoreRescaleExact(t *testing.T) {
-	c := startRedis(t).client(t)
+	c := redistest.Start(t).Client(t)
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(5, 6))
 	windows := []time.Duration{time.Second, time.Minute, time.Hour, 24 * time.Hour, 7 * time.Nanosecond * 1_000_000_007}
@@ -410,7 +290,7 @@ func (h *redisCounter) scripts() []string {
 // Reserve, Adjust and Peek is exactly one command, whatever the number of
 // buckets.
 func TestRedisStoreOneRoundTrip(t *testing.T) {
-	c := startRedis(t).client(t)
+	c := redistest.Start(t).Client(t)
 	var h redisCounter
 	c.AddHook(&h)
 	s := newTestRedisStore(c, false)
@@ -459,7 +339,7 @@ func TestRedisStoreOneRoundTrip(t *testing.T) {
 // time is read as the latest one a bucket has seen, and that in server-time
 // mode a caller's time changes nothing.
 func TestRedisStoreClockNeverRunsBack(t *testing.T) {
-	c := startRedis(t).client(t)
+	c := redistest.Start(t).Client(t)
 	ctx := context.Background()
 	now := time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)
 	l := bucket.Limit{Count: 1, Window: time.Minute}
@@ -482,7 +362,7 @@ func TestRedisStoreClockNeverRunsBack(t *testing.T) {
 // when it is full again plus the slack, a concurrency bucket after
 // RedisConcurrencyTTL; and that a full or empty bucket is deleted.
 func TestRedisStoreTTL(t *testing.T) {
-	c := startRedis(t).client(t)
+	c := redistest.Start(t).Client(t)
 	ctx := context.Background()
 	s := bucket.NewRedisStore(c, bucket.RedisOptions{Prefix: "ttl"})
 	rate := bucket.Limit{Count: 60, Window: time.Minute}
@@ -541,7 +421,7 @@ func TestRedisStoreTTL(t *testing.T) {
 // TestRedisStoreServerTime checks the production mode, where the script
 // reads the server's clock and ignores the caller's.
 func TestRedisStoreServerTime(t *testing.T) {
-	c := startRedis(t).client(t)
+	c := redistest.Start(t).Client(t)
 	ctx := context.Background()
 	s := newTestRedisStore(c, false)
 	// Times the store must ignore: far in the past and the future.
@@ -594,7 +474,7 @@ func TestRedisStoreServerTime(t *testing.T) {
 // TestRedisStoreDeletePrefixGlob checks that DeletePrefix matches its prefix
 // literally, glob characters included, in the bucket prefix and the store's.
 func TestRedisStoreDeletePrefixGlob(t *testing.T) {
-	c := startRedis(t).client(t)
+	c := redistest.Start(t).Client(t)
 	ctx := context.Background()
 	l := bucket.Limit{Count: 5, Window: time.Minute}
 	weird := bucket.NewRedisStore(c, bucket.RedisOptions{Prefix: `p*[?]\`, CallerTime: true})
@@ -641,7 +521,7 @@ func TestRedisStoreDeletePrefixGlob(t *testing.T) {
 // TestRedisStoreKeysAndOptions checks the key layout and the options'
 // validation.
 func TestRedisStoreKeysAndOptions(t *testing.T) {
-	c := startRedis(t).client(t)
+	c := redistest.Start(t).Client(t)
 	ctx := context.Background()
 	s := bucket.NewRedisStore(c, bucket.RedisOptions{})
 	cs := []bucket.Charge{{Key: []byte("rule\x1fuser"), Limit: bucket.Limit{Count: 1, Window: time.Minute}, Cost: 1}}
@@ -668,8 +548,8 @@ func TestRedisStoreKeysAndOptions(t *testing.T) {
 // TestRedisStoreErrors checks that server errors come back as errors, never
 // as panics or decisions.
 func TestRedisStoreErrors(t *testing.T) {
-	srv := startRedis(t)
-	c := srv.client(t)
+	srv := redistest.Start(t)
+	c := srv.Client(t)
 	ctx := context.Background()
 	s := bucket.NewRedisStore(c, bucket.RedisOptions{Prefix: "err"})
 	// A key of another type where a bucket should be.
@@ -703,7 +583,7 @@ func TestRedisStoreErrors(t *testing.T) {
 	if _, err := s.Reserve(canceled, time.Now(), cs, 0, nil); !errors.Is(err, context.Canceled) {
 		t.Fatalf("Reserve with a canceled context: %v", err)
 	}
-	srv.stop()
+	srv.Stop()
 	if _, err := s.Reserve(ctx, time.Now(), cs, 0, nil); err == nil {
 		t.Fatal("Reserve with the server stopped: no error")
 	}
@@ -715,8 +595,8 @@ func TestRedisStoreErrors(t *testing.T) {
 // BenchmarkRedisReserve measures one admission over three buckets against a
 // local redis-server, and reports the round trips each takes.
 func BenchmarkRedisReserve(b *testing.B) {
-	srv := startRedis(b)
-	c := srv.client(b)
+	srv := redistest.Start(b)
+	c := srv.Client(b)
 	var h redisCounter
 	c.AddHook(&h)
 	s := newTestRedisStore(c, false)
@@ -739,5 +619,46 @@ func BenchmarkRedisReserve(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+	b.ReportMetric(float64(h.roundTrips())/float64(b.N), "roundtrips/op")
+}
+
+// BenchmarkRedisReserveParallel is BenchmarkRedisReserve from many
+// goroutines at once, as concurrent requests do: decisions/s is the store's
+// throughput on this machine (client and server sharing its cores), each
+// goroutine on buckets of its own user.
+func BenchmarkRedisReserveParallel(b *testing.B) {
+	srv := redistest.Start(b)
+	c := redis.NewClient(&redis.Options{Addr: srv.Addr(), ContextTimeoutEnabled: true, PoolSize: 64})
+	b.Cleanup(func() { c.Close() })
+	var h redisCounter
+	c.AddHook(&h)
+	s := newTestRedisStore(c, false)
+	l := bucket.Limit{Count: 1e9, Window: time.Second}
+	ctx := context.Background()
+	if _, err := s.Reserve(ctx, time.Now(), []bucket.Charge{{Key: []byte("warm"), Limit: l, Cost: 1}}, 0, nil); err != nil {
+		b.Fatal(err)
+	}
+	var users atomic.Int64
+	h.reset()
+	b.ReportAllocs()
+	b.SetParallelism(8)
+	start := time.Now()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		u := fmt.Sprintf("user%d", users.Add(1))
+		cs := []bucket.Charge{
+			{Key: []byte("rule-a\x1f" + u + "\x1fgpt-4o"), Limit: l, Cost: 1},
+			{Key: []byte("rule-b\x1f" + u), Limit: l, Cost: 1},
+			{Key: []byte("model:gpt-4o"), Limit: l, Cost: 1},
+		}
+		st := make([]bucket.State, len(cs))
+		for pb.Next() {
+			if _, err := s.Reserve(ctx, time.Now(), cs, 0, st); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "decisions/s")
 	b.ReportMetric(float64(h.roundTrips())/float64(b.N), "roundtrips/op")
 }

@@ -34,7 +34,9 @@ type Server struct {
 	path string
 	dir  string
 	port int
-	cmd  *exec.Cmd
+	// extra are more arguments for redis-server.
+	extra []string
+	cmd   *exec.Cmd
 	// exited is closed when the process has exited.
 	exited chan struct{}
 }
@@ -54,9 +56,10 @@ func Path(tb testing.TB) string {
 }
 
 // Start starts a redis-server for the test, which kills it at the end.
-func Start(tb testing.TB) *Server {
+// extra are more arguments for redis-server (such as cluster mode's).
+func Start(tb testing.TB, extra ...string) *Server {
 	tb.Helper()
-	s := &Server{tb: tb, path: Path(tb), dir: tb.TempDir()}
+	s := &Server{tb: tb, path: Path(tb), dir: tb.TempDir(), extra: extra}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		tb.Fatal(err)
@@ -68,6 +71,9 @@ func Start(tb testing.TB) *Server {
 	return s
 }
 
+// Port is the server's port.
+func (s *Server) Port() int { return s.port }
+
 // Addr is the server's host:port.
 func (s *Server) Addr() string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(s.port)) }
 
@@ -78,10 +84,12 @@ func (s *Server) Restart() {
 	if s.cmd != nil {
 		return
 	}
-	s.cmd = exec.Command(s.path,
+	args := append([]string{
 		"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--dir", s.dir,
-		"--daemonize", "no", "--loglevel", "warning")
+		"--daemonize", "no", "--loglevel", "warning",
+	}, s.extra...)
+	s.cmd = exec.Command(s.path, args...)
 	var out strings.Builder
 	s.cmd.Stdout, s.cmd.Stderr = &out, &out
 	if err := s.cmd.Start(); err != nil {
