@@ -240,6 +240,9 @@ func newRedisState(c RedisConfig, logger *zap.Logger) (*sharedState, error) {
 			log.Error("redis store unreachable; the fail mode applies until it answers again", zap.Error(err))
 		},
 		OnRecover: func() { log.Info("redis store answers again") },
+		// The client has ContextTimeoutEnabled: a call ends with its
+		// context, so it can run inline.
+		ContextBound: true,
 	})
 	s := newSharedState(store, local)
 	s.shared = true

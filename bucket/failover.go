@@ -73,6 +73,13 @@ type FailoverOptions struct {
 	// methods (Down is fine).
 	OnOutage  func(err error)
 	OnRecover func()
+	// ContextBound says that the primary returns promptly once its context
+	// ends, as a go-redis client with ContextTimeoutEnabled does. Calls then
+	// run inline, on the caller's goroutine and with the caller's charges:
+	// no goroutine and no copies per call. Without it, each call runs on a
+	// goroutine of its own with copies, so that a primary that ignores its
+	// context cannot hold a request past the timeout.
+	ContextBound bool
 }
 
 // Failover is a Store that wraps a primary store (Redis) and decides what
@@ -113,6 +120,7 @@ type Failover struct {
 	instances int64
 	onOutage  func(error)
 	onRecover func()
+	inline    bool
 
 	// start is the origin of retryAt, so that the back-off is measured on
 	// the monotonic clock.
@@ -146,6 +154,7 @@ func NewFailover(primary Store, opts FailoverOptions) *Failover {
 		instances: max(opts.Instances, 1),
 		onOutage:  opts.OnOutage,
 		onRecover: opts.OnRecover,
+		inline:    opts.ContextBound,
 		start:     time.Now(),
 	}
 	if f.timeout <= 0 {
@@ -197,6 +206,13 @@ func (f *Failover) route() (primary, probe bool) {
 func (f *Failover) callPrimary(ctx context.Context, fn func(context.Context) error) error {
 	cctx, cancel := context.WithTimeout(ctx, f.timeout)
 	defer cancel()
+	if f.inline {
+		err := fn(cctx)
+		if err != nil && ctx.Err() == nil && cctx.Err() != nil {
+			return fmt.Errorf("bucket: primary store did not answer within %s: %w", f.timeout, context.DeadlineExceeded)
+		}
+		return err
+	}
 	done := make(chan error, 1) // buffered: an abandoned call can still finish
 	go func() { done <- fn(cctx) }()
 	select {
@@ -338,11 +354,13 @@ func (f *Failover) Reserve(ctx context.Context, now time.Time, charges []Charge,
 	if !usePrimary {
 		return f.reserveFallback(ctx, now, charges, maxWait, states, f.downErr())
 	}
-	// The primary works on copies (see callPrimary).
-	cs := cloneCharges(charges)
-	var st []State
-	if states != nil {
-		st = make([]State, len(states))
+	// The primary works on copies (see callPrimary), unless it runs inline.
+	cs, st := charges, states
+	if !f.inline {
+		cs = cloneCharges(charges)
+		if states != nil {
+			st = make([]State, len(states))
+		}
 	}
 	var d Decision
 	err := f.callPrimary(ctx, func(ctx context.Context) error {
@@ -352,7 +370,9 @@ func (f *Failover) Reserve(ctx context.Context, now time.Time, charges []Charge,
 	})
 	if err == nil {
 		f.succeeded(probe)
-		copy(states, st)
+		if !f.inline {
+			copy(states, st)
+		}
 		return d, nil
 	}
 	if !f.failed(ctx, err, probe) {
@@ -379,7 +399,10 @@ func (f *Failover) reserveFallback(ctx context.Context, now time.Time, charges [
 // nil: the outage has been reported once already).
 func (f *Failover) Adjust(ctx context.Context, now time.Time, charges []Charge) error {
 	if usePrimary, probe := f.route(); usePrimary {
-		cs := cloneCharges(charges)
+		cs := charges
+		if !f.inline {
+			cs = cloneCharges(charges)
+		}
 		err := f.callPrimary(ctx, func(ctx context.Context) error { return f.primary.Adjust(ctx, now, cs) })
 		if err == nil {
 			f.succeeded(probe)

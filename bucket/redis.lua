@@ -59,8 +59,11 @@ local conc_ttl = ARGV[6]
 -- stepped back, say after a failover to a replica) sees the buckets as they
 -- are at the latest known instant, never as they were earlier.
 local rec = {}
+-- One MGET for every key: each redis.call costs a few microseconds of the
+-- server's time, more than the arithmetic below.
+local vals = redis.call('MGET', unpack(KEYS))
 for i = 1, n do
-  local v = redis.call('GET', KEYS[i])
+  local v = vals[i]
   if v then
     local s, ns, x, c, w = string.match(v, '^(%-?%d+) (%d+) (%d+) (%d+) (%d+)$')
     -- A value that does not parse is not ours: treated as absent, and
