@@ -384,7 +384,7 @@ func parseStoreBlock(d *caddyfile.Dispenser) (*StoreConfig, error) {
 			return nil, err
 		}
 	}
-	if _, err := rc.resolved(); err != nil {
+	if _, err := rc.resolved(nil); err != nil {
 		return nil, d.Errf("llm_rate_limit: %v", err)
 	}
 	return &StoreConfig{Redis: rc}, nil

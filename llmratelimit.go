@@ -391,7 +391,10 @@ func (h *Handler) decide(ctx context.Context, now time.Time, x *exchange) (outco
 	if !out.Allowed {
 		// A refused request never reaches the upstream, so it costs the
 		// shadow rules nothing either; they still report their state.
-		return out, store.Peek(ctx, now, shadow, x.states[x.nEnforce:])
+		// A shadow rule never decides: a store that fails here only
+		// leaves its state out of the headers.
+		_ = store.Peek(ctx, now, shadow, x.states[x.nEnforce:])
+		return out, nil
 	}
 	// Each shadow rule is charged on its own, as if it were the only rule:
 	// one that would refuse must not keep the others from counting.
@@ -402,7 +405,14 @@ func (h *Handler) decide(ctx context.Context, now time.Time, x *exchange) (outco
 		}
 		d, err := store.Reserve(ctx, now, x.charges[start:end], 0, x.states[start:end])
 		if err != nil {
-			return out, err
+			// The request is admitted and charged already: a shadow rule
+			// the store cannot count must not undo that (the charges
+			// would never be given back) or refuse it.
+			for i := start; i < end; i++ {
+				x.charged[i] = false
+			}
+			start = end
+			continue
 		}
 		if !d.Allowed && out.shadowRefused < 0 {
 			out.shadowRefused = start + d.Limiting
@@ -417,6 +427,10 @@ func (h *Handler) decide(ctx context.Context, now time.Time, x *exchange) (outco
 
 // ServeHTTP implements caddyhttp.MiddlewareHandler.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	// The state (and a Redis client) stays open while a request of this
+	// configuration is being served, even after a reload has let it go.
+	h.state.enter()
+	defer h.state.leave()
 	x := getExchange()
 	defer putExchange(x)
 

@@ -3,6 +3,7 @@ package llmratelimit
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -36,8 +37,17 @@ type sharedState struct {
 	// this process drops may be theirs still, so its buckets are left to
 	// expire instead of being deleted.
 	shared bool
-	// closer, if set, closes the store's connections when the state goes.
+	// closer, if set, closes the store's connections once the state is
+	// destructed and no request uses it any more (see enter and leave).
 	closer func() error
+	// active counts the requests being served on this state; destructed
+	// is set by Destruct; closeOnce closes the store's connections once.
+	active     atomic.Int64
+	destructed atomic.Bool
+	closeOnce  sync.Once
+	// logger is the latest configuration's, for the store's outage
+	// messages (the state outlives the configuration that made it).
+	logger atomic.Pointer[zap.Logger]
 	// queue holds the requests waiting for their turn. Requests that wait
 	// across a reload stay in it and are served by the same queue.
 	queue *bucket.Queue
@@ -61,7 +71,7 @@ func acquireState(cfg *StoreConfig, logger *zap.Logger) (*sharedState, string, e
 		return newSharedState(store, store), nil
 	}
 	if cfg != nil && cfg.Redis != nil {
-		rc, err := cfg.Redis.resolved()
+		rc, err := cfg.Redis.resolved(caddy.NewReplacer())
 		if err != nil {
 			return nil, "", err
 		}
@@ -78,7 +88,9 @@ func acquireState(cfg *StoreConfig, logger *zap.Logger) (*sharedState, string, e
 	if err != nil {
 		return nil, "", err
 	}
-	return v.(*sharedState), key, nil
+	s := v.(*sharedState)
+	s.logger.Store(logger)
+	return s, key, nil
 }
 
 // newSharedState returns a state over store, whose memory sweeper sweeps.
@@ -94,6 +106,24 @@ func newSharedState(store bucket.Store, sweeper interface{ Sweep(time.Time) int 
 	}
 }
 
+// enter records that a request is being served on the state.
+func (s *sharedState) enter() { s.active.Add(1) }
+
+// leave records that a request is done with the state, and closes the
+// store's connections if it was the last one of a destructed state.
+func (s *sharedState) leave() {
+	if s.active.Add(-1) == 0 && s.destructed.Load() {
+		s.close()
+	}
+}
+
+// close closes the store's connections, once.
+func (s *sharedState) close() {
+	if s.closer != nil {
+		s.closeOnce.Do(func() { s.closer() })
+	}
+}
+
 func releaseState(key string) error {
 	_, err := states.Delete(key)
 	return err
@@ -103,8 +133,12 @@ func releaseState(key string) error {
 func (s *sharedState) Destruct() error {
 	close(s.stop)
 	<-s.done
-	if s.closer != nil {
-		return s.closer()
+	// Requests of the configuration that let go of the state may still be
+	// running (a long stream): they close the connections when the last
+	// one leaves.
+	s.destructed.Store(true)
+	if s.active.Load() == 0 {
+		s.close()
 	}
 	return nil
 }

@@ -106,14 +106,23 @@ var failModes = map[string]bucket.FailMode{
 	"local":  bucket.FailLocal,
 }
 
-// resolved returns a copy of c with placeholders replaced and defaults set,
-// or an error for a value that cannot work.
-func (c *RedisConfig) resolved() (RedisConfig, error) {
+// resolved returns a copy of c with defaults set and, when repl is not nil,
+// placeholders replaced, or an error for a value that cannot work. The
+// Caddyfile adapter checks with a nil repl: environment variables are read
+// where Caddy runs, not where its config is adapted.
+func (c *RedisConfig) resolved(repl *caddy.Replacer) (RedisConfig, error) {
 	r := *c
-	repl := caddy.NewReplacer()
+	// Only known placeholders are replaced, so that a password such as
+	// "ab{cd}ef" is kept as it is.
+	replace := func(v string) string {
+		if repl == nil {
+			return v
+		}
+		return repl.ReplaceKnown(v, "")
+	}
 	r.Addresses = make([]string, 0, len(c.Addresses))
 	for _, a := range c.Addresses {
-		if a = repl.ReplaceAll(a, ""); a != "" {
+		if a = replace(a); a != "" {
 			r.Addresses = append(r.Addresses, a)
 		}
 	}
@@ -122,8 +131,8 @@ func (c *RedisConfig) resolved() (RedisConfig, error) {
 	} else if len(r.Addresses) == 0 {
 		return r, errors.New("redis store: every address is empty after replacing placeholders")
 	}
-	r.Username = repl.ReplaceAll(c.Username, "")
-	r.Password = repl.ReplaceAll(c.Password, "")
+	r.Username = replace(c.Username)
+	r.Password = replace(c.Password)
 	if r.KeyPrefix == "" {
 		r.KeyPrefix = bucket.DefaultRedisPrefix
 	}
@@ -229,22 +238,27 @@ func newRedisState(c RedisConfig, logger *zap.Logger) (*sharedState, error) {
 		return nil, err
 	}
 	local := bucket.NewMemoryStore()
-	// The outage messages name the servers but never the credentials.
-	log := logger.With(zap.Strings("redis", c.Addresses), zap.String("fail_mode", c.FailMode))
+	var s *sharedState
+	// The outage messages go to the latest configuration's logger, and name
+	// the servers but never the credentials.
+	log := func() *zap.Logger {
+		return s.logger.Load().With(zap.Strings("redis", c.Addresses), zap.String("fail_mode", c.FailMode))
+	}
 	store := bucket.NewFailover(bucket.NewRedisStore(client, bucket.RedisOptions{Prefix: c.KeyPrefix}), bucket.FailoverOptions{
 		Mode:      failModes[c.FailMode],
 		Timeout:   time.Duration(c.Timeout),
 		Local:     local,
 		Instances: c.Instances,
 		OnOutage: func(err error) {
-			log.Error("redis store unreachable; the fail mode applies until it answers again", zap.Error(err))
+			log().Error("redis store unreachable; the fail mode applies until it answers again", zap.Error(err))
 		},
-		OnRecover: func() { log.Info("redis store answers again") },
+		OnRecover: func() { log().Info("redis store answers again") },
 		// The client has ContextTimeoutEnabled: a call ends with its
 		// context, so it can run inline.
 		ContextBound: true,
 	})
-	s := newSharedState(store, local)
+	s = newSharedState(store, local)
+	s.logger.Store(logger)
 	s.shared = true
 	s.closer = client.Close
 	return s, nil

@@ -460,6 +460,9 @@ func (l *Learner) lateSuccess(sent time.Time) {
 // settled yet may still miss successes sent before it, and would measure
 // too low a rate.
 func (l *Learner) measure(now time.Time) bool {
+	if l.limits.FromHeaders {
+		return false // the upstream says its limits: nothing to measure
+	}
 	last := len(l.refusals) - 1
 	for last > 0 && !l.settled(l.refusals[last]) {
 		last--
