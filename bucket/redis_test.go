@@ -584,6 +584,14 @@ func TestRedisStoreErrors(t *testing.T) {
 	if d, err := s.Reserve(ctx, time.Now(), cs, 0, nil); err != nil || !d.Allowed {
 		t.Fatalf("Reserve over junk: %+v, %v", d, err)
 	}
+	// So is a value of a bucket's length whose numbers are not a bucket's
+	// (all bits set: NaNs).
+	c.Set(ctx, "{err}nan", strings.Repeat("\xff", 40), 0)
+	cs[0].Key = []byte("nan")
+	st := make([]bucket.State, 1)
+	if d, err := s.Reserve(ctx, time.Now(), cs, 0, st); err != nil || !d.Allowed || st[0].Remaining != 0 {
+		t.Fatalf("Reserve over 40 bytes of junk: %+v, %+v, %v; want the 1-unit bucket taken for empty and charged", d, st, err)
+	}
 	// Too few states.
 	if err := s.Peek(ctx, time.Now(), append(cs, cs[0]), make([]bucket.State, 1)); err == nil {
 		t.Fatal("Peek with too few states: no error")
