@@ -92,19 +92,22 @@ func (c *AdaptiveConfig) compile(zone string, q queueSettings) (adaptiveSettings
 	}
 	// Adaptive mode queues even without a queue block: waiting for the
 	// upstream is its point.
-	as.policy = q.policy
-	if !q.enabled {
-		as.policy = defaultPolicy
-	}
+	as.policy = q.waitPolicy()
 	as.rule = compiledRule{
 		id:      "adaptive",
 		per:     []dimension{{kind: dimModel}},
 		perText: "model",
-		prefix:  zone + string(keySep) + "adaptive" + string(keySep) + "model" + string(keySep),
+		prefix:  adaptivePrefix(zone),
 		policy:  as.policy,
 		learned: true,
 	}
 	return as, nil
+}
+
+// adaptivePrefix starts the keys of a zone's learned buckets: one bucket
+// per learned limit and model, like a rule with applies_per model.
+func adaptivePrefix(zone string) string {
+	return zone + string(keySep) + "adaptive" + string(keySep) + "model" + string(keySep)
 }
 
 // learned is one upstream model's learner and the limits it last
@@ -112,7 +115,9 @@ func (c *AdaptiveConfig) compile(zone string, q queueSettings) (adaptiveSettings
 // changes, so requests may keep pointers into it.
 type learned struct {
 	learner *adaptive.Learner
-	limits  atomic.Pointer[learnedLimits]
+	// prefix starts the keys of its buckets: its zone's adaptivePrefix.
+	prefix string
+	limits atomic.Pointer[learnedLimits]
 	// publishing serialises publish, so that the limits published last
 	// are the learner's latest.
 	publishing sync.Mutex
@@ -120,7 +125,6 @@ type learned struct {
 
 type learnedLimits struct {
 	requests, tokens, concurrent *compiledLimit
-	blockedUntil                 time.Time
 }
 
 // unboundedSlots is the count of a concurrency limit that only counts: the
@@ -163,7 +167,7 @@ func (ls *learners) get(zone, model string) *learned {
 			return l
 		}
 	}
-	l = &learned{learner: adaptive.NewLearner()}
+	l = &learned{learner: adaptive.NewLearner(), prefix: adaptivePrefix(zone)}
 	l.publish(adaptive.Limits{})
 	ls.m[key] = l
 	return l
@@ -171,12 +175,13 @@ func (ls *learners) get(zone, model string) *learned {
 
 // publish compiles a learner's limits after they changed.
 func (l *learned) publish(lim adaptive.Limits) {
-	p := &learnedLimits{blockedUntil: lim.BlockedUntil}
+	p := &learnedLimits{}
 	mk := func(unit string, q quantity, bl bucket.Limit, window int64) *compiledLimit {
 		if bl.Validate() != nil {
 			return nil
 		}
-		return &compiledLimit{unit: unit, quantity: q, limit: bl, policy: `"adaptive/` + unit + `"`, windowSeconds: window}
+		return &compiledLimit{unit: unit, quantity: q, limit: bl, policy: `"adaptive/` + unit + `"`, windowSeconds: window,
+			keyPrefix: []byte(l.prefix + unit + string(keySep))}
 	}
 	if r := lim.Requests; r.Count > 0 {
 		p.requests = mk("requests_per_minute", quantityRequests, bucket.Limit{Count: r.Count, Window: r.Window, Burst: r.Burst}, int64(r.Window/time.Second))
@@ -202,24 +207,9 @@ func (h *Handler) matchLearned(x *exchange) {
 	x.learned = h.state.learners.get(h.Zone, x.id.model)
 	p := x.learned.limits.Load()
 	for _, l := range []*compiledLimit{p.requests, p.tokens, p.concurrent} {
-		if l == nil {
-			continue
+		if l != nil {
+			x.add(&h.adaptive.rule, l)
 		}
-		start := len(x.keys)
-		x.keys = h.learnedKey(x.keys, l.unit, x.id.model)
-		cost := int64(1)
-		if l.quantity == quantityTokens {
-			cost = min(x.promptEst+x.completionEst, l.limit.Capacity())
-			x.tokenCharges++
-		}
-		if l.limit.Concurrent() {
-			x.concurrent++
-		}
-		x.policies = append(x.policies, h.adaptive.policy)
-		x.applied = append(x.applied, applied{rule: &h.adaptive.rule, limit: l})
-		x.charges = append(x.charges, bucket.Charge{Key: x.keys[start:len(x.keys):len(x.keys)], Limit: l.limit, Cost: cost})
-		x.states = append(x.states, bucket.State{})
-		x.charged = append(x.charged, false)
 	}
 }
 
@@ -252,24 +242,24 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 		}
 		last := attempt > h.adaptive.retries || !h.now().Before(deadline) || !replayable
 		aw := &attemptWriter{dst: w, hold: !last, header: make(http.Header)}
-		ctx, cancel := context.WithCancel(r.Context())
-		var timer *time.Timer
+		if attempt > 1 && x.body != nil {
+			r.Body = io.NopCloser(bytes.NewReader(x.body))
+		}
+		// An attempt gets a context of its own only when a time-out may
+		// cancel it.
+		ar, stop := r, func() {}
 		if h.adaptive.attemptTimeout > 0 {
-			timer = time.AfterFunc(h.adaptive.attemptTimeout, func() {
+			ctx, cancel := context.WithCancel(r.Context())
+			timer := time.AfterFunc(h.adaptive.attemptTimeout, func() {
 				if aw.phase.CompareAndSwap(phaseWaiting, phaseTimedOut) {
 					cancel()
 				}
 			})
-		}
-		if attempt > 1 && x.body != nil {
-			r.Body = io.NopCloser(bytes.NewReader(x.body))
+			ar, stop = r.WithContext(ctx), func() { timer.Stop(); cancel() }
 		}
 		sent := x.learned.learner.Send(h.now())
-		err := h.attempt(next, aw, r.WithContext(ctx), x.learned.learner, sent)
-		if timer != nil {
-			timer.Stop()
-		}
-		cancel()
+		err := h.attempt(next, aw, ar, x.learned.learner, sent)
+		stop()
 		status := aw.status
 		if status == 0 && err != nil {
 			status = failureStatus(err, aw.phase.Load() == phaseTimedOut)
@@ -296,29 +286,18 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 			// The response went (or is going) to the client as it is.
 			return err
 		}
-		answered := aw.status != 0
 		if !v.Retry || last || r.Context().Err() != nil {
-			if !answered {
-				// No answer to pass on: let Caddy answer the error.
-				return aw.failure(err)
-			}
-			return aw.release(v.Wait)
+			return aw.giveUp(err, v.Wait)
 		}
 		if v.Wait <= 0 {
 			v.Wait = failureBackoff(attempt)
 		}
 		wait := jitter(v.Wait, v.Explicit)
 		if !now.Add(wait).Before(deadline) && (v.Explicit || obs.Status != http.StatusServiceUnavailable) {
-			if !answered {
-				return aw.failure(err)
-			}
-			return aw.release(v.Wait)
+			return aw.giveUp(err, v.Wait)
 		}
 		if ok := h.waitToRetry(r.Context(), x, obs.Status, wait, v.Explicit, deadline); !ok {
-			if !answered {
-				return aw.failure(err)
-			}
-			return aw.release(v.Wait)
+			return aw.giveUp(err, v.Wait)
 		}
 	}
 }
@@ -344,17 +323,9 @@ func (h *Handler) updateLearnedLanes(x *exchange) {
 	p := x.learned.limits.Load()
 	for _, l := range []*compiledLimit{p.requests, p.tokens, p.concurrent} {
 		if l != nil {
-			h.state.queue.UpdateLimit(h.learnedKey(nil, l.unit, x.id.model), l.limit)
+			h.state.queue.UpdateLimit(h.adaptive.rule.appendKey(nil, l, &x.id), l.limit)
 		}
 	}
-}
-
-// learnedKey appends the bucket key of a learned limit.
-func (h *Handler) learnedKey(dst []byte, unit, model string) []byte {
-	dst = append(dst, h.adaptive.rule.prefix...)
-	dst = append(dst, unit...)
-	dst = append(dst, keySep)
-	return appendKeyValue(dst, model)
 }
 
 // failureBackoff is the wait after a request's attempt failed without a
@@ -396,7 +367,7 @@ func (h *Handler) blockLearned(x *exchange, now time.Time) {
 	if p.requests == nil || !until.After(now) {
 		return
 	}
-	ch := []bucket.Charge{{Key: h.learnedKey(nil, p.requests.unit, x.id.model), Limit: p.requests.limit}}
+	ch := []bucket.Charge{{Key: h.adaptive.rule.appendKey(nil, p.requests, &x.id), Limit: p.requests.limit}}
 	var st [1]bucket.State
 	if err := h.state.store.Peek(context.Background(), now, ch, st[:]); err != nil {
 		return
@@ -474,15 +445,23 @@ func sleepUntil(ctx context.Context, t, deadline time.Time) bool {
 // releaseLearnedSlots gives back the slots of learned concurrency limits
 // the request holds.
 func (h *Handler) releaseLearnedSlots(x *exchange) {
-	var held []bucket.Charge
+	// The refunds are built in the request's scratch buffer, as
+	// releaseSlots does.
+	refunds := x.adjust[:0]
 	if i := x.learnedCharge("concurrent_requests"); i >= 0 {
-		held = append(held, x.charges[i])
+		c := x.charges[i]
+		c.Cost = -c.Cost
+		refunds = append(refunds, c)
 		x.charged[i] = false
 	}
-	held = append(held, x.extraSlots...)
+	for _, c := range x.extraSlots {
+		c.Cost = -c.Cost
+		refunds = append(refunds, c)
+	}
 	x.extraSlots = x.extraSlots[:0]
-	if len(held) > 0 {
-		if err := h.state.queue.Release(held); err != nil {
+	x.adjust = refunds
+	if len(refunds) > 0 {
+		if err := h.state.queue.Give(refunds); err != nil {
 			h.logger.Debug("releasing learned slots", zap.Error(err))
 		}
 	}
@@ -490,7 +469,7 @@ func (h *Handler) releaseLearnedSlots(x *exchange) {
 
 // admitLearned waits in the queue of one learned bucket, ahead of newcomers.
 func (h *Handler) admitLearned(ctx context.Context, x *exchange, l *compiledLimit, deadline, now time.Time) bool {
-	ch := []bucket.Charge{{Key: h.learnedKey(nil, l.unit, x.id.model), Limit: l.limit, Cost: 1}}
+	ch := []bucket.Charge{{Key: h.adaptive.rule.appendKey(nil, l, &x.id), Limit: l.limit, Cost: 1}}
 	wait := deadline.Sub(now)
 	if wait <= 0 {
 		return false
@@ -633,6 +612,15 @@ func (a *attemptWriter) commit() {
 		a.dst.Write(a.held.Bytes())
 		a.held.Reset()
 	}
+}
+
+// giveUp ends the attempts with the last one's outcome: the upstream's
+// answer it held, or, when no answer came, the error for Caddy to answer.
+func (a *attemptWriter) giveUp(err error, wait time.Duration) error {
+	if a.status == 0 {
+		return a.failure(err)
+	}
+	return a.release(wait)
 }
 
 // failure is the error for an attempt that got no answer and will not be

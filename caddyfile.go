@@ -173,7 +173,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			n, err := humanize.ParseBytes(v)
-			if err != nil || n == 0 || n > 1<<40 {
+			if err != nil || n == 0 || n > maxMaxBody {
 				return d.Errf("max_body: invalid size %q: want a positive size such as 16MiB", v)
 			}
 			h.MaxBody = int64(n)

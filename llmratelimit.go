@@ -44,7 +44,7 @@ func init() {
 // DefaultMaxBody is the default bound on a request body the module reads.
 const DefaultMaxBody = 16 << 20
 
-// maxMaxBody bounds max_body, as the Caddyfile parser does.
+// maxMaxBody bounds max_body, in the JSON and in the Caddyfile.
 const maxMaxBody = 1 << 40
 
 // Handler is the llm_rate_limit HTTP handler. It rate-limits LLM API requests
@@ -307,32 +307,7 @@ func (x *exchange) match(rules []compiledRule, learn func(*exchange)) {
 				continue
 			}
 			for j := range r.limits {
-				l := &r.limits[j]
-				// A key is sliced out of x.keys as soon as it is built. If a
-				// later append moves x.keys, earlier keys keep pointing at
-				// the old array, whose bytes never change again.
-				start := len(x.keys)
-				x.keys = r.appendKey(x.keys, l, &x.id)
-				cost := int64(1)
-				if l.quantity == quantityTokens {
-					// A request larger than the bucket is charged the whole
-					// capacity: it is admitted once the bucket is full, and
-					// settlement then charges what it really used. So a
-					// client's huge max_tokens cannot push a debt onto
-					// everyone sharing the bucket; only real usage can.
-					// (With oversize reject, it is refused before this
-					// matters.)
-					cost = min(x.promptEst+x.completionEst, l.limit.Capacity())
-					x.tokenCharges++
-				}
-				if l.limit.Concurrent() {
-					x.concurrent++
-				}
-				x.policies = append(x.policies, r.policy)
-				x.applied = append(x.applied, applied{rule: r, limit: l})
-				x.charges = append(x.charges, bucket.Charge{Key: x.keys[start:len(x.keys):len(x.keys)], Limit: l.limit, Cost: cost})
-				x.states = append(x.states, bucket.State{})
-				x.charged = append(x.charged, false)
+				x.add(r, &r.limits[j])
 			}
 		}
 		if !shadow {
@@ -423,6 +398,35 @@ func (h *Handler) decide(ctx context.Context, now time.Time, x *exchange) (outco
 		start = end
 	}
 	return out, nil
+}
+
+// add adds the charge of limit l of rule r for the request, with its key,
+// policy and scratch entries.
+func (x *exchange) add(r *compiledRule, l *compiledLimit) {
+	// A key is sliced out of x.keys as soon as it is built. If a later
+	// append moves x.keys, earlier keys keep pointing at the old array,
+	// whose bytes never change again.
+	start := len(x.keys)
+	x.keys = r.appendKey(x.keys, l, &x.id)
+	cost := int64(1)
+	if l.quantity == quantityTokens {
+		// A request larger than the bucket is charged the whole capacity:
+		// it is admitted once the bucket is full, and settlement then
+		// charges what it really used. So a client's huge max_tokens
+		// cannot push a debt onto everyone sharing the bucket; only real
+		// usage can. (With oversize reject, it is refused before this
+		// matters.)
+		cost = min(x.promptEst+x.completionEst, l.limit.Capacity())
+		x.tokenCharges++
+	}
+	if l.limit.Concurrent() {
+		x.concurrent++
+	}
+	x.policies = append(x.policies, r.policy)
+	x.applied = append(x.applied, applied{rule: r, limit: l})
+	x.charges = append(x.charges, bucket.Charge{Key: x.keys[start:len(x.keys):len(x.keys)], Limit: l.limit, Cost: cost})
+	x.states = append(x.states, bucket.State{})
+	x.charged = append(x.charged, false)
 }
 
 // ServeHTTP implements caddyhttp.MiddlewareHandler.

@@ -1,7 +1,6 @@
 package llmratelimit
 
 import (
-	"encoding/binary"
 	"fmt"
 	"math"
 	"net/http"
@@ -181,11 +180,17 @@ func rulePolicy(r *Rule, hq queueSettings) (bucket.Policy, error) {
 	if len(r.Queue.FairBy) > 0 || r.Queue.Priority != "" || r.Queue.Weight != "" || len(r.Queue.PriorityClasses) > 0 || len(r.Queue.Weights) > 0 {
 		return bucket.Policy{}, fmt.Errorf("queue: a rule's queue sets max_wait and max_depth only; fair_by, priority and weight belong to the handler")
 	}
-	base := hq.policy
-	if !hq.enabled {
-		base = defaultPolicy
+	return compilePolicy(r.Queue, hq.waitPolicy())
+}
+
+// waitPolicy is the handler's queue policy, or, without a queue block, the
+// default one: what rules that set their own max_wait or max_depth, and
+// adaptive mode (which always queues), start from.
+func (qs *queueSettings) waitPolicy() bucket.Policy {
+	if !qs.enabled {
+		return defaultPolicy
 	}
-	return compilePolicy(r.Queue, base)
+	return qs.policy
 }
 
 // appendFlow appends the request's fairness subject to dst.
@@ -201,9 +206,7 @@ func (qs *queueSettings) appendFlow(dst []byte, id *identity) []byte {
 		return append(dst, v...)
 	}
 	for _, d := range qs.fairBy {
-		v := id.value(d.kind, d.metaKey)
-		dst = binary.AppendUvarint(dst, uint64(len(v)))
-		dst = append(dst, v...)
+		dst = appendKeyValue(dst, id.value(d.kind, d.metaKey))
 	}
 	return dst
 }

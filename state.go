@@ -30,9 +30,6 @@ const sweepInterval = time.Minute
 // every loaded configuration.
 type sharedState struct {
 	store bucket.Store
-	// sweeper drops the drained buckets of the store's memory, if it keeps
-	// any (the in-memory store, or a Redis store's local fallback).
-	sweeper interface{ Sweep(time.Time) int }
 	// shared is set when other Caddy instances use the same store: a rule
 	// this process drops may be theirs still, so its buckets are left to
 	// expire instead of being deleted.
@@ -68,7 +65,7 @@ type sharedState struct {
 func acquireState(cfg *StoreConfig, logger *zap.Logger) (*sharedState, string, error) {
 	key, build := memoryStateKey, func() (*sharedState, error) {
 		store := bucket.NewMemoryStore()
-		return newSharedState(store, store), nil
+		return newSharedState(store), nil
 	}
 	if cfg != nil && cfg.Redis != nil {
 		rc, err := cfg.Redis.resolved(caddy.NewReplacer())
@@ -93,11 +90,10 @@ func acquireState(cfg *StoreConfig, logger *zap.Logger) (*sharedState, string, e
 	return s, key, nil
 }
 
-// newSharedState returns a state over store, whose memory sweeper sweeps.
-func newSharedState(store bucket.Store, sweeper interface{ Sweep(time.Time) int }) *sharedState {
+// newSharedState returns a state over store.
+func newSharedState(store bucket.Store) *sharedState {
 	return &sharedState{
 		store:    store,
-		sweeper:  sweeper,
 		queue:    bucket.NewQueue(store, bucket.SystemClock{}),
 		learners: learners{m: make(map[learnerKey]*learned)},
 		refs:     make(map[string]int),
@@ -152,7 +148,11 @@ func (s *sharedState) sweep() {
 		case <-s.stop:
 			return
 		case now := <-t.C:
-			s.sweeper.Sweep(now)
+			// The in-memory store, or the Redis store's local fallback,
+			// drops its drained buckets.
+			if sw, ok := s.store.(interface{ Sweep(time.Time) int }); ok {
+				sw.Sweep(now)
+			}
 		}
 	}
 }

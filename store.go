@@ -257,8 +257,7 @@ func newRedisState(c RedisConfig, logger *zap.Logger) (*sharedState, error) {
 		// context, so it can run inline.
 		ContextBound: true,
 	})
-	s = newSharedState(store, local)
-	s.logger.Store(logger)
+	s = newSharedState(store)
 	s.shared = true
 	s.closer = client.Close
 	return s, nil

@@ -85,9 +85,6 @@ type Verdict struct {
 	// Explicit is true when Wait came from the upstream (Retry-After or a
 	// reset), which a retry must not undercut.
 	Explicit bool
-	// Remaining is the upstream's remaining requests when it said so, for
-	// bringing the module's bucket down to it; -1 otherwise.
-	Remaining int64
 	// Changed is true when the learned limits changed.
 	Changed bool
 }
@@ -255,42 +252,15 @@ func (l *Learner) Answer(a Attempt, o Observation, now time.Time) Verdict {
 		l.firstSeen = now
 	}
 	before := l.limits
-	v := Verdict{Remaining: -1}
+	var v Verdict
 
 	// Advertised limits, on any answer that carries them.
 	if q := o.Requests; q.Limit > 0 {
 		l.limits.FromHeaders = true
-		if q.Limit != l.limits.Requests.Count {
-			l.burstSeen = 0 // a burst seen under another limit says nothing
-		}
-		l.limits.Requests.Count, l.limits.Requests.Window = q.Limit, time.Minute
-		if q.Remaining >= 0 && q.Reset >= 0 {
-			// The upstream's bucket refills at Limit per minute and is
-			// whole after Reset: what it holds when whole is its burst.
-			cap := q.Remaining + int64(q.Reset.Seconds()*float64(q.Limit)/60)
-			l.burstSeen = max(l.burstSeen, min(cap, q.Limit))
-		}
-		if l.burstSeen > 0 {
-			l.limits.Requests.Burst = max(1, int64(float64(l.burstSeen)*burstShare))
-		} else {
-			l.limits.Requests.Burst = max(1, int64(float64(q.Limit)*burstShare))
-		}
-		v.Remaining = q.Remaining
+		advertised(q, &l.limits.Requests, &l.burstSeen)
 	}
 	if q := o.Tokens; q.Limit > 0 {
-		if q.Limit != l.limits.Tokens.Count {
-			l.tokenBurstSeen = 0
-		}
-		l.limits.Tokens.Count, l.limits.Tokens.Window = q.Limit, time.Minute
-		if q.Remaining >= 0 && q.Reset >= 0 {
-			cap := q.Remaining + int64(q.Reset.Seconds()*float64(q.Limit)/60)
-			l.tokenBurstSeen = max(l.tokenBurstSeen, min(cap, q.Limit))
-		}
-		b := l.tokenBurstSeen
-		if b == 0 {
-			b = q.Limit
-		}
-		l.limits.Tokens.Burst = max(1, int64(float64(b)*burstShare))
+		advertised(q, &l.limits.Tokens, &l.tokenBurstSeen)
 	}
 
 	switch {
@@ -378,8 +348,32 @@ func (l *Learner) Answer(a Attempt, o Observation, now time.Time) Verdict {
 		// unrelated requests do not make every request wait longer.
 		v.Retry = true
 	}
-	v.Changed = l.limits != before
+	// BlockedUntil moves with every refusal that names a wait; it is read
+	// from the learner when needed, and is not a change of the limits.
+	after := l.limits
+	after.BlockedUntil = before.BlockedUntil
+	v.Changed = after != before
 	return v
+}
+
+// advertised sets r from a quota the upstream advertised (per minute), and
+// its burst from the largest one seen: an upstream's bucket refills at
+// Limit per minute and is whole after Reset, so what it holds when whole
+// is its burst. A burst seen under another limit says nothing.
+func advertised(q Quota, r *Rate, seen *int64) {
+	if q.Limit != r.Count {
+		*seen = 0
+	}
+	r.Count, r.Window = q.Limit, time.Minute
+	if q.Remaining >= 0 && q.Reset >= 0 {
+		whole := q.Remaining + int64(q.Reset.Seconds()*float64(q.Limit)/60)
+		*seen = max(*seen, min(whole, q.Limit))
+	}
+	b := *seen
+	if b == 0 {
+		b = q.Limit
+	}
+	r.Burst = max(1, int64(float64(b)*burstShare))
 }
 
 // rateRefusal learns from a 429 to a request sent at sent, and returns the

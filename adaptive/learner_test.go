@@ -978,7 +978,7 @@ func TestLearnerObserveClientErrorChangesNothing(t *testing.T) {
 				if after := stateOf(l); after != before {
 					t.Errorf("status %d (RetryAfter %v) changed the learner:\n %+v\nto\n %+v", status, ra, before, after)
 				}
-				if v != (Verdict{Remaining: -1}) {
+				if v != (Verdict{}) {
 					t.Errorf("status %d: Verdict %+v, want nothing", status, v)
 				}
 			}

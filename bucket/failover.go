@@ -202,17 +202,11 @@ func (f *Failover) route() (primary, probe bool) {
 // callPrimary runs fn with a context bounded by the timeout, and waits for
 // it at most that long. fn runs on a goroutine of its own and may outlive
 // the call: it must only touch what the caller will not use again once
-// callPrimary has returned an error.
+// callPrimary has returned an error. Inline Failovers call the primary
+// directly instead (see bounded).
 func (f *Failover) callPrimary(ctx context.Context, fn func(context.Context) error) error {
 	cctx, cancel := context.WithTimeout(ctx, f.timeout)
 	defer cancel()
-	if f.inline {
-		err := fn(cctx)
-		if err != nil && ctx.Err() == nil && cctx.Err() != nil {
-			return fmt.Errorf("bucket: primary store did not answer within %s: %w", f.timeout, context.DeadlineExceeded)
-		}
-		return err
-	}
 	done := make(chan error, 1) // buffered: an abandoned call can still finish
 	go func() { done <- fn(cctx) }()
 	select {
@@ -228,8 +222,21 @@ func (f *Failover) callPrimary(ctx context.Context, fn func(context.Context) err
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		return fmt.Errorf("bucket: primary store did not answer within %s: %w", f.timeout, context.DeadlineExceeded)
+		return f.timedOut()
 	}
+}
+
+// bounded is what an inline primary call, made with cctx (ctx bounded by
+// the timeout), returned: err, or the time-out when cctx ended it.
+func (f *Failover) bounded(ctx, cctx context.Context, err error) error {
+	if err != nil && ctx.Err() == nil && cctx.Err() != nil {
+		return f.timedOut()
+	}
+	return err
+}
+
+func (f *Failover) timedOut() error {
+	return fmt.Errorf("bucket: primary store did not answer within %s: %w", f.timeout, context.DeadlineExceeded)
 }
 
 // succeeded records a primary call's success; a probe's ends the outage.
@@ -339,12 +346,8 @@ func (f *Failover) localCharges(charges []Charge) []Charge {
 // fullStates reports every bucket as full: what fail-open admits against.
 func fullStates(charges []Charge, states []State) {
 	for i := range charges {
-		l := charges[i].Limit
-		if l.Concurrent() {
-			states[i] = State{Remaining: l.Count}
-		} else {
-			states[i] = State{Remaining: l.Capacity()}
-		}
+		// A concurrency limit has no burst: its capacity is its count.
+		states[i] = State{Remaining: charges[i].Limit.Capacity()}
 	}
 }
 
@@ -354,25 +357,33 @@ func (f *Failover) Reserve(ctx context.Context, now time.Time, charges []Charge,
 	if !usePrimary {
 		return f.reserveFallback(ctx, now, charges, maxWait, states, f.downErr())
 	}
-	// The primary works on copies (see callPrimary), unless it runs inline.
-	cs, st := charges, states
-	if !f.inline {
-		cs = cloneCharges(charges)
+	var d Decision
+	var err error
+	if f.inline {
+		cctx, cancel := context.WithTimeout(ctx, f.timeout)
+		d, err = f.primary.Reserve(cctx, now, charges, maxWait, states)
+		err = f.bounded(ctx, cctx, err)
+		cancel()
+	} else {
+		// The primary works on copies (see callPrimary).
+		cs := cloneCharges(charges)
+		var st []State
 		if states != nil {
 			st = make([]State, len(states))
 		}
-	}
-	var d Decision
-	err := f.callPrimary(ctx, func(ctx context.Context) error {
-		var err error
-		d, err = f.primary.Reserve(ctx, now, cs, maxWait, st)
-		return err
-	})
-	if err == nil {
-		f.succeeded(probe)
-		if !f.inline {
+		var dd Decision // its own variable, so that d stays on the stack
+		err = f.callPrimary(ctx, func(ctx context.Context) error {
+			var err error
+			dd, err = f.primary.Reserve(ctx, now, cs, maxWait, st)
+			return err
+		})
+		if err == nil {
+			d = dd
 			copy(states, st)
 		}
+	}
+	if err == nil {
+		f.succeeded(probe)
 		return d, nil
 	}
 	if !f.failed(ctx, err, probe) {
@@ -399,11 +410,15 @@ func (f *Failover) reserveFallback(ctx context.Context, now time.Time, charges [
 // nil: the outage has been reported once already).
 func (f *Failover) Adjust(ctx context.Context, now time.Time, charges []Charge) error {
 	if usePrimary, probe := f.route(); usePrimary {
-		cs := charges
-		if !f.inline {
-			cs = cloneCharges(charges)
+		var err error
+		if f.inline {
+			cctx, cancel := context.WithTimeout(ctx, f.timeout)
+			err = f.bounded(ctx, cctx, f.primary.Adjust(cctx, now, charges))
+			cancel()
+		} else {
+			cs := cloneCharges(charges)
+			err = f.callPrimary(ctx, func(ctx context.Context) error { return f.primary.Adjust(ctx, now, cs) })
 		}
-		err := f.callPrimary(ctx, func(ctx context.Context) error { return f.primary.Adjust(ctx, now, cs) })
 		if err == nil {
 			f.succeeded(probe)
 			return nil
@@ -425,12 +440,20 @@ func (f *Failover) Peek(ctx context.Context, now time.Time, charges []Charge, st
 	usePrimary, probe := f.route()
 	var err error
 	if usePrimary {
-		cs := cloneCharges(charges)
-		st := make([]State, len(states))
-		err = f.callPrimary(ctx, func(ctx context.Context) error { return f.primary.Peek(ctx, now, cs, st) })
+		if f.inline {
+			cctx, cancel := context.WithTimeout(ctx, f.timeout)
+			err = f.bounded(ctx, cctx, f.primary.Peek(cctx, now, charges, states))
+			cancel()
+		} else {
+			cs := cloneCharges(charges)
+			st := make([]State, len(states))
+			err = f.callPrimary(ctx, func(ctx context.Context) error { return f.primary.Peek(ctx, now, cs, st) })
+			if err == nil {
+				copy(states, st)
+			}
+		}
 		if err == nil {
 			f.succeeded(probe)
-			copy(states, st)
 			return nil
 		}
 		if !f.failed(ctx, err, probe) {

@@ -311,13 +311,18 @@ func (q *Queue) Wake(charges []Charge) {
 	if q.nlanes.Load() == 0 {
 		return
 	}
+	// The lanes are found under one lock, and dispatched outside it.
+	var buf [8]*lane
+	found := buf[:0]
+	q.mu.Lock()
 	for i := range charges {
-		q.mu.Lock()
-		ln := q.lanes[string(charges[i].Key)]
-		q.mu.Unlock()
-		if ln != nil {
-			q.dispatch(ln)
+		if ln := q.lanes[string(charges[i].Key)]; ln != nil {
+			found = append(found, ln)
 		}
+	}
+	q.mu.Unlock()
+	for _, ln := range found {
+		q.dispatch(ln)
 	}
 }
 

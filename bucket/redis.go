@@ -235,8 +235,8 @@ func (s *RedisStore) run(ctx context.Context, c *redisCall) ([]int64, error) {
 }
 
 // fill writes each bucket's state from the script's values: a rate bucket's
-// backlog, or the units a concurrency bucket holds. It is MemoryStore's
-// stateOf with the call's time as zero.
+// backlog, or the units a concurrency bucket holds, as MemoryStore does,
+// with the call's time as zero.
 func (c *redisCall) fill(charges []Charge, vals []int64, states []State) {
 	for i := range charges {
 		l := charges[i].Limit
@@ -245,11 +245,8 @@ func (c *redisCall) fill(charges []Charge, vals []int64, states []State) {
 			states[i] = concurrentState(v, l)
 			continue
 		}
-		backlog := max(v, 0)
-		states[i] = State{
-			Remaining:  min(l.unitsWithin(c.tols[i]-backlog), l.Capacity()),
-			ResetAfter: time.Duration(backlog),
-		}
+		// v is the TAT relative to the call's time.
+		states[i] = stateOf(0, v, c.tols[i], l)
 	}
 }
 
