@@ -40,7 +40,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -48,7 +47,6 @@ import (
 	"maps"
 	"math"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"runtime"
@@ -58,7 +56,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/llmratelimit/caddy-llm-ratelimit"
@@ -132,9 +129,6 @@ const (
 	goalMinShareUsed    = 0.95 // share of the upstream's limit used
 )
 
-// prompt is what every request asks; its size does not matter here.
-const prompt = "Summarise the plot of Hamlet in three short sentences for a reader in a hurry..."
-
 // options are the command-line flags.
 type options struct {
 	scenario   string
@@ -161,20 +155,13 @@ func main() {
 		os.Exit(2)
 	}
 
-	var selected []*scenario
-	for _, s := range scenarios() {
-		if o.scenario == "all" || o.scenario == s.name {
-			selected = append(selected, s)
-		}
-	}
+	selected := rig.Select(scenarios(), o.scenario, func(s *scenario) string { return s.name })
 	if o.configOnly {
 		printConfigs(os.Stdout, o, selected)
 		return
 	}
 
-	fmt.Printf("`%s`\n\n", strings.Join(append([]string{"go run ./bench/adaptive"}, os.Args[1:]...), " "))
-	fmt.Printf("Machine: %s, nproc %d, CPU %s, GOMAXPROCS %d. Load generator, Caddy and the fake upstream share this one process.\n",
-		runtime.Version(), runtime.NumCPU(), rig.CPUModel(), runtime.GOMAXPROCS(0))
+	rig.PrintIntro(os.Stdout, "adaptive")
 	goroutines := runtime.NumGoroutine()
 	failed := false
 	for _, s := range selected {
@@ -182,7 +169,7 @@ func main() {
 		for i, limiter := range []bool{false, true} {
 			before := runtime.NumGoroutine()
 			r := runConfig(s, limiter, o)
-			r.goroutinesBefore, r.goroutinesAfter = before, settleGoroutines(before)
+			r.goroutinesBefore, r.goroutinesAfter = before, rig.SettleGoroutines(before)
 			if r.err != nil {
 				// Say it at once, on stderr, and again in the report.
 				fmt.Fprintf(os.Stderr, "adaptive: %s %s: %v\n", s.name, r.label, r.err)
@@ -192,24 +179,10 @@ func main() {
 		}
 		report(os.Stdout, o, s, rs[0], rs[1])
 	}
-	end := settleGoroutines(goroutines)
-	fmt.Printf("\nLoad average at the end: %s. Goroutines: %d at the start, %d at the end.\n",
-		rig.LoadAvg(), goroutines, end)
+	rig.PrintEnd(os.Stdout, goroutines)
 	if failed {
 		os.Exit(1)
 	}
-}
-
-// settleGoroutines returns the goroutine count once it is back within 2 of
-// want, or after 2 s: closed connections' goroutines take a moment to
-// return. A count still far above want is a leak.
-func settleGoroutines(want int) int {
-	n := runtime.NumGoroutine()
-	for i := 0; i < 20 && n > want+2; i++ {
-		time.Sleep(100 * time.Millisecond)
-		n = runtime.NumGoroutine()
-	}
-	return n
 }
 
 func (o options) validate() error {
@@ -296,54 +269,13 @@ func limiterBlock(s *scenario) string {
 		"\t}\n"
 }
 
-// caddyfile is a whole configuration: the site on listen, the limiter
-// block (possibly empty), reverse_proxy to upstream. The global options
-// keep Caddy in-process, quiet and on loopback, as caddytest's harness does.
-func caddyfile(listen, upstream, limiter string, verbose bool) string {
-	var b strings.Builder
-	b.WriteString("{\n\tadmin off\n\tpersist_config off\n\tauto_https off\n\tdefault_bind 127.0.0.1\n\tgrace_period 5s\n")
-	if !verbose {
-		b.WriteString("\tlog {\n\t\toutput discard\n\t}\n")
-	}
-	b.WriteString("}\n\n")
-	fmt.Fprintf(&b, "%s {\n%s\treverse_proxy %s\n}\n", listen, limiter, upstream)
-	return b.String()
-}
-
 // printConfigs prints every selected scenario's (b) Caddyfile and whether
 // it adapts, with placeholder ports.
 func printConfigs(w io.Writer, o options, selected []*scenario) {
 	for _, s := range selected {
-		fmt.Fprintf(w, "# %s (b)\n", s.name)
-		cf := caddyfile(":8080", "127.0.0.1:8081", limiterBlock(s), o.verbose)
-		fmt.Fprint(w, cf)
-		if _, err := rig.Adapt(cf); err != nil {
-			fmt.Fprintf(w, "# does NOT adapt: %v\n\n", err)
-		} else {
-			fmt.Fprint(w, "# adapts: ok\n\n")
-		}
+		rig.PrintConfig(w, s.name+" (b)", limiterBlock(s), o.verbose, "does NOT adapt")
 	}
 }
-
-// upstream is fakellm on a loopback port. fakellm records each request's
-// arrival and status (0 for a hung request), and the most requests inside
-// its handler at once.
-type upstream struct {
-	fake *fakellm.Server
-	addr string
-}
-
-func startUpstream(cfg fakellm.Config) (*upstream, error) {
-	fake, err := fakellm.Start(cfg)
-	if err != nil {
-		return nil, err
-	}
-	return &upstream{fake: fake, addr: strings.TrimPrefix(fake.URL, "http://")}, nil
-}
-
-// close aborts fakellm's slow streams and hung requests, and waits for
-// every handler, so nothing outlives the run. Caddy is stopped before this.
-func (u *upstream) close() { u.fake.Close() }
 
 // outcome is one client request: its SDK call, with every retry.
 type outcome struct {
@@ -372,14 +304,14 @@ type result struct {
 	label string
 	err   error // the run did not happen (e.g. (b) does not adapt)
 
-	outs      []outcome
-	start     time.Time
-	window    time.Duration // how long the load ran
-	switchAt  time.Duration // halving: when the limit halved, since start
-	scheduled int           // open-loop arrivals the schedule produced
-	dropped   int           // … not sent because maxInflight were in flight
-	maxLag    time.Duration // worst lateness of an arrival loop behind its schedule
-	drained   bool          // everything finished within the drain bound
+	outs     []outcome
+	start    time.Time
+	window   time.Duration // how long the load ran
+	switchAt time.Duration // halving: when the limit halved, since start
+	drained  bool          // everything finished within the drain bound
+	// The open-loop arrivals the schedule produced, those not sent
+	// because maxInflight were in flight, and the arrival loop's worst lag.
+	rig.Arrivals
 
 	up         fakellm.Stats      // fakellm's Stats() after the load
 	upInflight int                // fakellm's InFlight() after the load
@@ -397,7 +329,7 @@ type loadEnv struct {
 	client *http.Client
 	url    string
 	res    *result
-	up     *upstream
+	stack  *rig.Stack
 	mu     sync.Mutex // guards res.outs
 	// deadline is when the load stops starting requests.
 	deadline time.Time
@@ -427,48 +359,23 @@ func runConfig(s *scenario, limiter bool, o options) *result {
 	}
 	fmt.Fprintf(os.Stderr, "running %s %s for %s ...\n", s.name, res.label, o.duration)
 
-	up, err := startUpstream(s.upstream(o))
+	stack, err := rig.Start("adaptive", s.upstream(o), block, o.verbose)
 	if err != nil {
 		res.err = err
 		return res
 	}
-	defer up.close()
-	port, err := rig.FreePort()
-	if err != nil {
-		res.err = err
-		return res
-	}
-	cf := caddyfile(fmt.Sprintf(":%d", port), up.addr, block, o.verbose)
-	cfg, err := rig.Adapt(cf)
-	if err != nil {
-		res.err = fmt.Errorf("the Caddyfile does not adapt: %w", err)
-		return res
-	}
-	if err := caddy.Load(cfg, true); err != nil {
-		res.err = fmt.Errorf("caddy.Load: %w", err)
-		return res
-	}
-	defer func() {
-		if err := caddy.Stop(); err != nil {
-			fmt.Fprintln(os.Stderr, "adaptive: stopping caddy:", err)
-		}
-	}()
+	defer stack.Close()
 
 	// One keep-alive connection per request in flight: over HTTP/1.1 a
 	// request the module holds keeps its connection.
-	tr := &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
-		MaxIdleConns:        maxInflight,
-		MaxIdleConnsPerHost: maxInflight,
-		IdleConnTimeout:     90 * time.Second,
-	}
+	tr := rig.Transport(maxInflight)
 	defer tr.CloseIdleConnections()
 	env := &loadEnv{
 		o:      o,
 		client: &http.Client{Transport: tr}, // each attempt has its own timeout
-		url:    fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", port),
+		url:    stack.URL,
 		res:    res,
-		up:     up,
+		stack:  stack,
 	}
 	// ctx ends after the longest a request can take: it only aborts
 	// stragglers if something is badly wrong.
@@ -477,32 +384,23 @@ func runConfig(s *scenario, limiter bool, o options) *result {
 
 	res.start = time.Now()
 	env.deadline = res.start.Add(o.duration)
+	var wg sync.WaitGroup
 	if s.slots {
-		closedLoopLoad(ctx, env)
+		closedLoopLoad(ctx, env, &wg)
 	} else {
-		openLoopLoad(ctx, env, s.halving)
+		openLoopLoad(ctx, env, &wg, s.halving)
 	}
+	// Wait at most the longest a request can take, once the load has
+	// started its last request (closed loop: its workers): each attempt
+	// has its own timeout and the SDK a bounded number of them.
+	res.drained = rig.Drain(ctx, cancel, &wg, maxRequestTime(o)+5*time.Second)
 	res.window = o.duration
 
-	res.up = up.fake.Stats()
-	res.upInflight = up.fake.InFlight()
-	res.upRecs = up.fake.Requests()
-	res.upPeak = up.fake.PeakInFlight()
+	res.up = stack.Fake.Stats()
+	res.upInflight = stack.Fake.InFlight()
+	res.upRecs = stack.Fake.Requests()
+	res.upPeak = stack.Fake.PeakInFlight()
 	return res
-}
-
-// requestBody is an OpenAI chat completion, streamed or not.
-func requestBody(stream bool) []byte {
-	b, err := json.Marshal(map[string]any{
-		"model":      "gpt-4o-mini",
-		"max_tokens": 30,
-		"stream":     stream,
-		"messages":   []map[string]string{{"role": "user", "content": prompt}},
-	})
-	if err != nil {
-		panic(err)
-	}
-	return b
 }
 
 // answer is what one HTTP attempt got.
@@ -519,22 +417,15 @@ type answer struct {
 func attempt(ctx context.Context, e *loadEnv, body []byte, user string, retryCount int) answer {
 	actx, cancel := context.WithTimeout(ctx, e.o.timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(actx, http.MethodPost, e.url, bytes.NewReader(body))
-	if err != nil {
-		panic(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", "Bearer sk-bench-not-a-key")
+	req := rig.NewPost(actx, e.url, body)
 	req.Header.Set("X-User", user)
 	req.Header.Set("X-Stainless-Retry-Count", strconv.Itoa(retryCount)) // as the SDK does
 	var a answer
-	resp, err := e.client.Do(req) // a POST without an idempotency key is never retried by net/http
-	if err == nil {
+	resp, raw, err := rig.Do(e.client, req)
+	if resp != nil {
 		a.status, a.header = resp.StatusCode, resp.Header
-		a.body, err = io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-		resp.Body.Close()
 	}
-	a.err = err
+	a.body, a.err = raw, err
 	a.timedOut = err != nil && errors.Is(actx.Err(), context.DeadlineExceeded) && ctx.Err() == nil
 	return a
 }
@@ -636,27 +527,6 @@ func retryAfter(h http.Header) (time.Duration, bool) {
 	return 0, false
 }
 
-// drain waits for wg, at most the longest a request can take after the
-// load stopped: each attempt has its own timeout and the SDK a bounded
-// number of them, so this bound is only reached if something is badly
-// wrong; then the stragglers are aborted (they count as errors) and
-// waited for.
-func drain(ctx context.Context, cancel context.CancelFunc, e *loadEnv, wg *sync.WaitGroup) {
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	bound := time.NewTimer(maxRequestTime(e.o) + 5*time.Second)
-	defer bound.Stop()
-	select {
-	case <-done:
-		e.res.drained = true
-	case <-bound.C:
-		cancel()
-		<-done
-	case <-ctx.Done():
-		<-done
-	}
-}
-
 // Streams of random numbers.
 const (
 	// streamArrivals draws the open-loop schedule and its users: the same
@@ -668,96 +538,49 @@ const (
 
 // openLoopLoad sends open-loop Poisson arrivals at -rate × 2 req/s from
 // rateUsers users until the deadline, each an SDK call of its own, and
-// waits for them. With halving, it halves the upstream's limit at half the
-// duration.
-func openLoopLoad(ctx context.Context, e *loadEnv, halving bool) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var wg sync.WaitGroup
+// returns without waiting for them; wg tracks them. With halving, it
+// halves the upstream's limit at half the duration.
+func openLoopLoad(ctx context.Context, e *loadEnv, wg *sync.WaitGroup, halving bool) {
 	if halving {
 		wg.Go(func() {
 			if rig.SleepUntil(ctx, e.res.start.Add(e.o.duration/2)) {
-				e.up.fake.SetLimits(halvedRPM, halvedBurst, 0)
+				e.stack.Fake.SetLimits(halvedRPM, halvedBurst, 0)
 				e.mu.Lock()
 				e.res.switchAt = time.Since(e.res.start)
 				e.mu.Unlock()
 			}
 		})
 	}
-	lambda := e.o.rate * upstreamRPM / 60
 	rng := rig.RNG(e.o.seed, streamArrivals)
-	body := requestBody(false)
-	sem := make(chan struct{}, maxInflight)
-	// A hard cap on arrivals, far above what a Poisson process at lambda
-	// produces before the deadline, so the loop is bounded in count too.
-	maxArrivals := int(lambda*e.o.duration.Seconds()*2) + 1000
-	next := e.res.start
-	var scheduled, dropped int
-	var maxLag time.Duration
-	for i := range maxArrivals {
-		next = next.Add(time.Duration(rng.ExpFloat64() / lambda * float64(time.Second)))
-		if !next.Before(e.deadline) {
-			break
-		}
+	body := rig.ChatBody(false)
+	p := rig.Poisson{RNG: rng, Rate: e.o.rate * upstreamRPM / 60, Start: e.res.start, Deadline: e.deadline, MaxInflight: maxInflight}
+	a := p.Run(ctx, wg, func(i int) func() {
 		u := fmt.Sprintf("u%d", rng.IntN(rateUsers)) // drawn even if dropped, so the schedule stays the same
-		if !rig.SleepUntil(ctx, next) {
-			break
-		}
-		maxLag = max(maxLag, time.Since(next))
-		scheduled++
-		select {
-		case sem <- struct{}{}:
-		default:
-			dropped++ // open loop: never wait for a slot
-			continue
-		}
 		jitter := rig.RNG(e.o.seed, streamJitter+uint64(i))
-		wg.Go(func() {
-			defer func() { <-sem }()
-			e.record(sdkCall(ctx, e, body, false, u, jitter))
-		})
-	}
+		return func() { e.record(sdkCall(ctx, e, body, false, u, jitter)) }
+	})
 	e.mu.Lock()
-	e.res.scheduled += scheduled
-	e.res.dropped += dropped
-	e.res.maxLag = max(e.res.maxLag, maxLag)
+	e.res.Add(a)
 	e.mu.Unlock()
-	drain(ctx, cancel, e, &wg)
 }
 
-// closedLoopLoad runs concWorkers workers from concUsers users, each
-// sending streamed SDK calls one after the other until the deadline: the
-// next as soon as the previous ends after a 2xx, and no sooner than
+// closedLoopLoad starts concWorkers workers from concUsers users on wg,
+// each sending streamed SDK calls one after the other until the deadline:
+// the next as soon as the previous ends after a 2xx, and no sooner than
 // retryGap after the previous one started otherwise.
-func closedLoopLoad(ctx context.Context, e *loadEnv) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var wg sync.WaitGroup
-	body := requestBody(true)
-	// Bounded in count too: one call per millisecond on average is far
-	// above what the upstream serves.
-	maxIter := int(e.o.duration/time.Millisecond) + 1000
+func closedLoopLoad(ctx context.Context, e *loadEnv, wg *sync.WaitGroup) {
+	body := rig.ChatBody(true)
 	for i := range concWorkers {
 		user := fmt.Sprintf("c%d", i%concUsers)
 		jitter := rig.RNG(e.o.seed, streamJitter+uint64(i))
 		wg.Go(func() {
-			var last time.Time
-			var gap time.Duration
-			for range maxIter {
-				if !rig.SleepUntil(ctx, last.Add(gap)) || !time.Now().Before(e.deadline) {
-					return
-				}
-				last = time.Now()
+			rig.ClosedLoop(ctx, e.res.start, e.deadline, retryGap, func() bool {
 				out := sdkCall(ctx, e, body, true, user, jitter)
 				e.record(out)
-				gap = retryGap
-				if out.ok {
-					gap = 0
-				}
-			}
+				return out.ok
+			})
 		})
 	}
-	drain(ctx, cancel, e, &wg)
 }
 
 // counts are client outcomes over some subset of the requests.
@@ -957,29 +780,15 @@ func (r *result) throughput() float64 {
 	return float64(c.ok) / c.lastOKEnd.Sub(r.start).Seconds()
 }
 
-// table prints rows of label + one cell per result, aligned.
-type table struct{ *rig.Table }
-
-func newTable(w io.Writer, rs ...*result) *table {
-	labels := make([]string, len(rs))
-	for i, r := range rs {
-		labels[i] = r.label
-	}
-	return &table{rig.NewTable(w, labels...)}
-}
-
-// line adds a row whose cells are f(r) for each result, or a note when
-// the result did not run.
-func (t *table) line(label string, rs []*result, f func(r *result) string) {
-	cells := []string{label}
-	for _, r := range rs {
+// newTable starts a table with one column per result; a result that did
+// not run has a note in every cell instead of figures.
+func newTable(w io.Writer, rs []*result) *rig.Columns[*result] {
+	return rig.NewColumns(w, rs, func(r *result) string { return r.label }, func(r *result) string {
 		if r.err != nil {
-			cells = append(cells, "did not run")
-		} else {
-			cells = append(cells, f(r))
+			return "did not run"
 		}
-	}
-	t.Row(cells...)
+		return ""
+	})
 }
 
 func ratio(n, of int) float64 { return float64(n) / math.Max(1, float64(of)) }
@@ -1053,94 +862,94 @@ func runNotes(w io.Writer, s *scenario, rs ...*result) {
 func report(w io.Writer, o options, s *scenario, a, b *result) {
 	rig.Header(w, s.name, params(o, s))
 	rs := []*result{a, b}
-	t := newTable(w, rs...)
-	t.line("client requests", rs, func(r *result) string { return fmt.Sprint(r.total().requests) })
+	t := newTable(w, rs)
+	t.Line("client requests", func(r *result) string { return fmt.Sprint(r.total().requests) })
 	if !s.slots {
-		t.line("  dropped by the load generator", rs, func(r *result) string { return fmt.Sprint(r.dropped) })
+		t.Line("  dropped by the load generator", func(r *result) string { return fmt.Sprint(r.Dropped) })
 	}
-	t.line("client HTTP attempts (with SDK retries)", rs, func(r *result) string { return fmt.Sprint(r.total().attempts) })
-	t.line("final 2xx", rs, func(r *result) string { c := r.total(); return fmt.Sprintf("%d (%s)", c.ok, rig.Pct(c.ok, c.requests)) })
-	t.line("final 429", rs, func(r *result) string {
+	t.Line("client HTTP attempts (with SDK retries)", func(r *result) string { return fmt.Sprint(r.total().attempts) })
+	t.Line("final 2xx", func(r *result) string { c := r.total(); return fmt.Sprintf("%d (%s)", c.ok, rig.Pct(c.ok, c.requests)) })
+	t.Line("final 429", func(r *result) string {
 		c := r.total()
 		return fmt.Sprintf("%d (%s)", c.r429, rig.Pct(c.r429, c.requests))
 	})
-	t.line("  of which the upstream's own", rs, func(r *result) string { return fmt.Sprint(r.total().r429up) })
-	t.line("other failures: statuses / errors", rs, func(r *result) string { c := r.total(); return fmt.Sprintf("%d / %d", c.other, c.errs) })
-	t.line("  final statuses other than 2xx and 429", rs, func(r *result) string { return r.total().statusList() })
-	t.line(fmt.Sprintf("client attempts timed out (%s)", o.timeout), rs, func(r *result) string {
+	t.Line("  of which the upstream's own", func(r *result) string { return fmt.Sprint(r.total().r429up) })
+	t.Line("other failures: statuses / errors", func(r *result) string { c := r.total(); return fmt.Sprintf("%d / %d", c.other, c.errs) })
+	t.Line("  final statuses other than 2xx and 429", func(r *result) string { return r.total().statusList() })
+	t.Line(fmt.Sprintf("client attempts timed out (%s)", o.timeout), func(r *result) string {
 		c := r.total()
 		return fmt.Sprintf("%d (%d final)", c.timeouts, c.timedOutFinal)
 	})
-	t.line("upstream: attempts received", rs, func(r *result) string { return fmt.Sprint(r.up.Total) })
-	t.line("upstream: 2xx", rs, func(r *result) string { return fmt.Sprint(r.up.OK) })
-	t.line("upstream: refusals (limited+busy+failed)", rs, func(r *result) string {
+	t.Line("upstream: attempts received", func(r *result) string { return fmt.Sprint(r.up.Total) })
+	t.Line("upstream: 2xx", func(r *result) string { return fmt.Sprint(r.up.OK) })
+	t.Line("upstream: refusals (limited+busy+failed)", func(r *result) string {
 		return fmt.Sprintf("%d (%s)", r.refusals(), rig.Pct(r.refusals(), r.up.Total))
 	})
-	t.line("  limited / busy / failed / hung", rs, func(r *result) string {
+	t.Line("  limited / busy / failed / hung", func(r *result) string {
 		return fmt.Sprintf("%d / %d / %d / %d", r.up.Limited, r.up.Busy, r.up.Failed, r.up.Hung)
 	})
 	if s.slots {
 		ideal := float64(gpuSlots) / serviceTime.Seconds()
-		t.line("upstream: peak in flight", rs, func(r *result) string { return fmt.Sprint(r.upPeak) })
-		t.line("throughput (2xx/s)", rs, func(r *result) string { return fmt.Sprintf("%.2f", r.throughput()) })
-		t.line(fmt.Sprintf("share of the max (%.0f/s) used", ideal), rs, func(r *result) string { return fmt.Sprintf("%.1f %%", 100*r.throughput()/ideal) })
+		t.Line("upstream: peak in flight", func(r *result) string { return fmt.Sprint(r.upPeak) })
+		t.Line("throughput (2xx/s)", func(r *result) string { return fmt.Sprintf("%.2f", r.throughput()) })
+		t.Line(fmt.Sprintf("share of the max (%.0f/s) used", ideal), func(r *result) string { return fmt.Sprintf("%.1f %%", 100*r.throughput()/ideal) })
 	} else {
-		t.line("span D (window or last acceptance)", rs, func(r *result) string { return secs(r.span()) })
+		t.Line("span D (window or last acceptance)", func(r *result) string { return secs(r.span()) })
 		if s.halving {
-			t.line("upstream capacity over D (both halves)", rs, func(r *result) string { h := r.halves(); return fmt.Sprintf("%.0f", h.cap1+h.cap2) })
-			t.line("share of the limit used", rs, func(r *result) string {
+			t.Line("upstream capacity over D (both halves)", func(r *result) string { h := r.halves(); return fmt.Sprintf("%.0f", h.cap1+h.cap2) })
+			t.Line("share of the limit used", func(r *result) string {
 				h := r.halves()
 				return fmt.Sprintf("%.1f %%", 100*float64(h.ok1+h.ok2)/(h.cap1+h.cap2))
 			})
 		} else {
-			t.line("upstream capacity over D", rs, func(r *result) string { return fmt.Sprintf("%.0f", r.capacity()) })
-			t.line("share of the limit used", rs, func(r *result) string { return fmt.Sprintf("%.1f %%", 100*r.shareUsed()) })
+			t.Line("upstream capacity over D", func(r *result) string { return fmt.Sprintf("%.0f", r.capacity()) })
+			t.Line("share of the limit used", func(r *result) string { return fmt.Sprintf("%.1f %%", 100*r.shareUsed()) })
 		}
 	}
-	t.line("latency p50 (2xx)", rs, func(r *result) string { return rig.LatCell(r.total().lat, 0.50) })
-	t.line("latency p99 (2xx)", rs, func(r *result) string { return rig.LatCell(r.total().lat, 0.99) })
-	t.line("latency max (2xx)", rs, func(r *result) string { return rig.LatCell(r.total().lat, 1) })
-	t.line("latency max (all)", rs, func(r *result) string { return rig.MS(r.total().maxLatAll) })
-	t.line(attemptsHeader+" 1 / 2 / 3 / 4+ / none", rs, func(r *result) string {
+	t.Line("latency p50 (2xx)", func(r *result) string { return rig.LatCell(r.total().lat, 0.50) })
+	t.Line("latency p99 (2xx)", func(r *result) string { return rig.LatCell(r.total().lat, 0.99) })
+	t.Line("latency max (2xx)", func(r *result) string { return rig.LatCell(r.total().lat, 1) })
+	t.Line("latency max (all)", func(r *result) string { return rig.MS(r.total().maxLatAll) })
+	t.Line(attemptsHeader+" 1 / 2 / 3 / 4+ / none", func(r *result) string {
 		u := r.total().upAttempts
 		return fmt.Sprintf("%d / %d / %d / %d / %d", u[1], u[2], u[3], u[4], u[0])
 	})
 	if !s.slots {
-		t.line("arrival loop max lag", rs, func(r *result) string { return rig.MS(r.maxLag) })
+		t.Line("arrival loop max lag", func(r *result) string { return rig.MS(r.MaxLag) })
 	}
-	t.line("upstream in flight after the load", rs, func(r *result) string { return fmt.Sprint(r.upInflight) })
-	t.line("goroutines before / after the run", rs, func(r *result) string {
+	t.Line("upstream in flight after the load", func(r *result) string { return fmt.Sprint(r.upInflight) })
+	t.Line("goroutines before / after the run", func(r *result) string {
 		return fmt.Sprintf("%d / %d", r.goroutinesBefore, r.goroutinesAfter)
 	})
 	t.Flush()
 
 	if s.halving {
 		fmt.Fprintln(w)
-		t := newTable(w, rs...)
+		t := newTable(w, rs)
 		for i, name := range []string{"half 1", "half 2"} {
 			lo := func(r *result) (time.Duration, time.Duration) { return r.half(i) }
 			in := func(r *result) func(o *outcome) bool {
 				from, to := r.half(i)
 				return func(o *outcome) bool { return o.at >= from && o.at < to }
 			}
-			t.line(name+": client requests (by first attempt)", rs, func(r *result) string { return fmt.Sprint(r.counts(in(r)).requests) })
-			t.line(name+": final 2xx / final 429", rs, func(r *result) string {
+			t.Line(name+": client requests (by first attempt)", func(r *result) string { return fmt.Sprint(r.counts(in(r)).requests) })
+			t.Line(name+": final 2xx / final 429", func(r *result) string {
 				c := r.counts(in(r))
 				return fmt.Sprintf("%d / %d (%s)", c.ok, c.r429, rig.Pct(c.r429, c.requests))
 			})
-			t.line(name+": upstream attempts / refusals", rs, func(r *result) string {
+			t.Line(name+": upstream attempts / refusals", func(r *result) string {
 				from, to := lo(r)
 				n, ref := r.upIn(from, to)
 				return fmt.Sprintf("%d / %d (%s)", n, ref, rig.Pct(ref, n))
 			})
-			t.line(name+": upstream 2xx / capacity", rs, func(r *result) string {
+			t.Line(name+": upstream 2xx / capacity", func(r *result) string {
 				h := r.halves()
 				if i == 0 {
 					return fmt.Sprintf("%d / %.0f", h.ok1, h.cap1)
 				}
 				return fmt.Sprintf("%d / %.1f", h.ok2, h.cap2)
 			})
-			t.line(name+": share of the limit used", rs, func(r *result) string {
+			t.Line(name+": share of the limit used", func(r *result) string {
 				h := r.halves()
 				if i == 0 {
 					return fmt.Sprintf("%.1f %%", 100*float64(h.ok1)/h.cap1)
@@ -1148,7 +957,7 @@ func report(w io.Writer, o options, s *scenario, a, b *result) {
 				return fmt.Sprintf("%.1f %%", 100*float64(h.ok2)/h.cap2)
 			})
 		}
-		t.line("switch at / tokens carried over", rs, func(r *result) string {
+		t.Line("switch at / tokens carried over", func(r *result) string {
 			return fmt.Sprintf("%s / %.1f", secs(r.switchAt), r.halves().carried)
 		})
 		t.Flush()
@@ -1237,11 +1046,11 @@ func feasibilityNotes(w io.Writer, o options, s *scenario, rs []*result) {
 	}
 	// Both configurations draw the same schedule: one note is enough.
 	for _, r := range rs {
-		if !r.ran() || r.scheduled == 0 {
+		if !r.ran() || r.Scheduled == 0 {
 			continue
 		}
-		if exp := lambda * o.duration.Seconds(); math.Abs(float64(r.scheduled)-exp) > 2*math.Sqrt(exp) {
-			fmt.Fprintf(w, "Note: the schedule drew %d arrivals, the expectation is %.0f.\n", r.scheduled, exp)
+		if exp := lambda * o.duration.Seconds(); math.Abs(float64(r.Scheduled)-exp) > 2*math.Sqrt(exp) {
+			fmt.Fprintf(w, "Note: the schedule drew %d arrivals, the expectation is %.0f.\n", r.Scheduled, exp)
 		}
 		break
 	}

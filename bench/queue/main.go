@@ -34,7 +34,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -42,7 +41,6 @@ import (
 	"maps"
 	"math"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"runtime"
@@ -51,7 +49,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/llmratelimit/caddy-llm-ratelimit"
@@ -107,10 +104,6 @@ const (
 	goalMinThroughput = 0.95 // concurrency: 2xx/s ÷ (gpuSlots ÷ serviceTime)
 )
 
-// prompt is what every request asks; its size does not matter here, as no
-// rule limits tokens.
-const prompt = "Summarise the plot of Hamlet in three short sentences for a reader in a hurry..."
-
 // options are the command-line flags.
 type options struct {
 	scenario      string
@@ -143,20 +136,13 @@ func main() {
 		os.Exit(2)
 	}
 
-	var selected []*scenario
-	for _, s := range scenarios() {
-		if o.scenario == "all" || o.scenario == s.name {
-			selected = append(selected, s)
-		}
-	}
+	selected := rig.Select(scenarios(), o.scenario, func(s *scenario) string { return s.name })
 	if o.configOnly {
 		printConfigs(os.Stdout, o, selected)
 		return
 	}
 
-	fmt.Printf("`%s`\n\n", strings.Join(append([]string{"go run ./bench/queue"}, os.Args[1:]...), " "))
-	fmt.Printf("Machine: %s, nproc %d, CPU %s, GOMAXPROCS %d. Load generator, Caddy and the fake upstream share this one process.\n",
-		runtime.Version(), runtime.NumCPU(), rig.CPUModel(), runtime.GOMAXPROCS(0))
+	rig.PrintIntro(os.Stdout, "queue")
 	goroutines := runtime.NumGoroutine()
 	failed := false
 	for _, s := range selected {
@@ -172,16 +158,7 @@ func main() {
 		}
 		s.report(os.Stdout, o, rs[0], rs[1])
 	}
-	// Every run has stopped its Caddy, its fakellm and its load by now, but
-	// closed connections' goroutines take a moment to return: give them up
-	// to 2 s. A count still far above the start's would be a leak.
-	end := runtime.NumGoroutine()
-	for i := 0; i < 20 && end > goroutines+2; i++ {
-		time.Sleep(100 * time.Millisecond)
-		end = runtime.NumGoroutine()
-	}
-	fmt.Printf("\nLoad average at the end: %s. Goroutines: %d at the start, %d at the end.\n",
-		rig.LoadAvg(), goroutines, end)
+	rig.PrintEnd(os.Stdout, goroutines)
 	if failed {
 		os.Exit(1)
 	}
@@ -209,8 +186,9 @@ type scenario struct {
 	upstream func(o options) fakellm.Config
 	// limiter is (b)'s llm_rate_limit block, or "" when (b) is skipped.
 	limiter func(o options) string
-	// load drives the load against url for o.duration, recording into rec.
-	load   func(ctx context.Context, env *loadEnv)
+	// load starts the load against env.url for o.duration, on wg, recording
+	// into env.
+	load   func(ctx context.Context, env *loadEnv, wg *sync.WaitGroup)
 	report func(w io.Writer, o options, a, b *result)
 }
 
@@ -277,59 +255,20 @@ func slotLimiter(o options) string {
 		"\t}\n"
 }
 
-// caddyfile is a whole configuration: the site on listen, the limiter
-// block (possibly empty), reverse_proxy to upstream. The global options
-// keep Caddy in-process, quiet and on loopback, as caddytest's harness does.
-func caddyfile(listen, upstream, limiter string, verbose bool) string {
-	var b strings.Builder
-	b.WriteString("{\n\tadmin off\n\tpersist_config off\n\tauto_https off\n\tdefault_bind 127.0.0.1\n\tgrace_period 5s\n")
-	if !verbose {
-		b.WriteString("\tlog {\n\t\toutput discard\n\t}\n")
-	}
-	b.WriteString("}\n\n")
-	fmt.Fprintf(&b, "%s {\n%s\treverse_proxy %s\n}\n", listen, limiter, upstream)
-	return b.String()
-}
-
 // printConfigs prints every selected scenario's (b) Caddyfile and whether
 // it adapts yet, with placeholder ports.
 func printConfigs(w io.Writer, o options, selected []*scenario) {
 	for _, s := range selected {
-		fmt.Fprintf(w, "# %s (b)\n", s.name)
 		lim := s.limiter(o)
 		if lim == "" {
+			fmt.Fprintf(w, "# %s (b)\n", s.name)
 			fmt.Fprintln(w, "# skipped with -rule-only: the rule needs the concurrent_requests unit and the queue")
 			fmt.Fprintln(w)
 			continue
 		}
-		cf := caddyfile(":8080", "127.0.0.1:8081", lim, o.verbose)
-		fmt.Fprint(w, cf)
-		if _, err := rig.Adapt(cf); err != nil {
-			fmt.Fprintf(w, "# does NOT adapt yet: %v\n\n", err)
-		} else {
-			fmt.Fprint(w, "# adapts: ok\n\n")
-		}
+		rig.PrintConfig(w, s.name+" (b)", lim, o.verbose, "does NOT adapt yet")
 	}
 }
-
-// upstream is fakellm on a loopback port. fakellm records each request's
-// arrival and status, and the most requests inside its handler at once.
-type upstream struct {
-	fake *fakellm.Server
-	addr string
-}
-
-func startUpstream(cfg fakellm.Config) (*upstream, error) {
-	fake, err := fakellm.Start(cfg)
-	if err != nil {
-		return nil, err
-	}
-	return &upstream{fake: fake, addr: strings.TrimPrefix(fake.URL, "http://")}, nil
-}
-
-// close aborts fakellm's slow streams and waits for every handler, so
-// nothing outlives the run. Caddy is stopped before this.
-func (u *upstream) close() { u.fake.Close() }
 
 // stats are one user's (or everyone's) client-side outcomes.
 type stats struct {
@@ -372,13 +311,13 @@ type result struct {
 	err   error // the run did not happen (e.g. (b) does not adapt yet)
 	skip  string
 
-	users     map[string]*stats
-	start     time.Time
-	window    time.Duration // how long the load ran
-	scheduled int           // open-loop arrivals the schedules produced
-	dropped   int           // … not sent because maxInflight were in flight
-	maxLag    time.Duration // worst lateness of an arrival loop behind its schedule
-	drained   bool          // everything finished within the drain bound
+	users   map[string]*stats
+	start   time.Time
+	window  time.Duration // how long the load ran
+	drained bool          // everything finished within the drain bound
+	// The open-loop arrivals the schedules produced, those not sent
+	// because maxInflight were in flight, and the arrival loops' worst lag.
+	rig.Arrivals
 
 	// From fakellm: Counts(), and the statuses of Requests().
 	upTotal, upLimited                int
@@ -447,46 +386,21 @@ func runConfig(s *scenario, limiter bool, o options) *result {
 	}
 	fmt.Fprintf(os.Stderr, "running %s %s for %s ...\n", s.name, res.label, o.duration)
 
-	up, err := startUpstream(s.upstream(o))
+	stack, err := rig.Start("queue", s.upstream(o), block, o.verbose)
 	if err != nil {
 		res.err = err
 		return res
 	}
-	defer up.close()
-	port, err := rig.FreePort()
-	if err != nil {
-		res.err = err
-		return res
-	}
-	cf := caddyfile(fmt.Sprintf(":%d", port), up.addr, block, o.verbose)
-	cfg, err := rig.Adapt(cf)
-	if err != nil {
-		res.err = fmt.Errorf("the Caddyfile does not adapt: %w", err)
-		return res
-	}
-	if err := caddy.Load(cfg, true); err != nil {
-		res.err = fmt.Errorf("caddy.Load: %w", err)
-		return res
-	}
-	defer func() {
-		if err := caddy.Stop(); err != nil {
-			fmt.Fprintln(os.Stderr, "queue: stopping caddy:", err)
-		}
-	}()
+	defer stack.Close()
 
 	// One keep-alive connection per request in flight: over HTTP/1.1 a
 	// request waiting in the queue holds its connection, so the pool must
 	// be as large as the most requests that can wait at once.
-	tr := &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
-		MaxIdleConns:        maxInflight,
-		MaxIdleConnsPerHost: maxInflight,
-		IdleConnTimeout:     90 * time.Second,
-	}
+	tr := rig.Transport(maxInflight)
 	env := &loadEnv{
 		o:      o,
 		client: &http.Client{Timeout: o.timeout, Transport: tr},
-		url:    fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", port),
+		url:    stack.URL,
 		res:    res,
 	}
 	defer tr.CloseIdleConnections()
@@ -497,13 +411,17 @@ func runConfig(s *scenario, limiter bool, o options) *result {
 
 	res.start = time.Now()
 	env.deadline = res.start.Add(o.duration)
-	s.load(ctx, env)
+	var wg sync.WaitGroup
+	s.load(ctx, env, &wg)
+	// Wait at most o.timeout+5s once the load has started its last
+	// request (for closed loops, once it has started its workers).
+	res.drained = rig.Drain(ctx, cancel, &wg, o.timeout+5*time.Second)
 	res.window = o.duration
 
-	total, limited := up.fake.Counts()
+	total, limited := stack.Fake.Counts()
 	res.upTotal, res.upLimited = total, limited
 	var lastOK time.Time
-	for _, q := range up.fake.Requests() {
+	for _, q := range stack.Fake.Requests() {
 		switch {
 		case q.Status == 0:
 			res.up0++
@@ -520,44 +438,20 @@ func runConfig(s *scenario, limiter bool, o options) *result {
 			res.upOther++
 		}
 	}
-	res.upPeak = up.fake.PeakInFlight()
+	res.upPeak = stack.Fake.PeakInFlight()
 	if !lastOK.IsZero() {
 		res.upLastOK = lastOK.Sub(res.start)
 	}
 	return res
 }
 
-// requestBody is an OpenAI chat completion, streamed or not.
-func requestBody(stream bool) []byte {
-	b, err := json.Marshal(map[string]any{
-		"model":      "gpt-4o-mini",
-		"max_tokens": 30,
-		"stream":     stream,
-		"messages":   []map[string]string{{"role": "user", "content": prompt}},
-	})
-	if err != nil {
-		panic(err)
-	}
-	return b
-}
-
 // send sends one request as user, never retrying, and returns its outcome
 // as a one-request stats.
 func send(ctx context.Context, e *loadEnv, body []byte, stream bool, user string) stats {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, e.url, bytes.NewReader(body))
-	if err != nil {
-		panic(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", "Bearer sk-bench-not-a-key")
+	req := rig.NewPost(ctx, e.url, body)
 	req.Header.Set("X-User", user)
 	t0 := time.Now()
-	resp, err := e.client.Do(req) // a POST without an idempotency key is never retried by net/http
-	var raw []byte
-	if err == nil {
-		raw, err = io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-		resp.Body.Close()
-	}
+	resp, raw, err := rig.Do(e.client, req)
 	end := time.Now()
 	lat := end.Sub(t0)
 	if os.Getenv("QDEBUG") != "" && user == "light" && resp != nil {
@@ -595,41 +489,15 @@ func send(ctx context.Context, e *loadEnv, body []byte, stream bool, user string
 
 // poisson sends open-loop Poisson arrivals at lambda req/s until the
 // deadline, user(rng) naming each request's user, and returns without
-// waiting for them; wg tracks them. The schedule is kept in absolute
-// times, so a late wake-up does not shift later arrivals.
-func poisson(ctx context.Context, e *loadEnv, wg *sync.WaitGroup, sem chan struct{}, rng *rand.Rand, lambda float64, body []byte, user func(*rand.Rand) string) {
-	// A hard cap on arrivals, far above what a Poisson process at lambda
-	// produces before the deadline, so the loop is bounded in count too.
-	maxArrivals := int(lambda*e.o.duration.Seconds()*2) + 1000
-	next := e.res.start
-	var scheduled, dropped int
-	var maxLag time.Duration
-	for range maxArrivals {
-		next = next.Add(time.Duration(rng.ExpFloat64() / lambda * float64(time.Second)))
-		if !next.Before(e.deadline) {
-			break
-		}
+// waiting for them; wg tracks them.
+func poisson(ctx context.Context, e *loadEnv, wg *sync.WaitGroup, rng *rand.Rand, lambda float64, body []byte, user func(*rand.Rand) string) {
+	p := rig.Poisson{RNG: rng, Rate: lambda, Start: e.res.start, Deadline: e.deadline, MaxInflight: maxInflight}
+	a := p.Run(ctx, wg, func(int) func() {
 		u := user(rng) // drawn even if dropped, so the schedule stays the same
-		if !rig.SleepUntil(ctx, next) {
-			break
-		}
-		maxLag = max(maxLag, time.Since(next))
-		scheduled++
-		select {
-		case sem <- struct{}{}:
-		default:
-			dropped++ // open loop: never wait for a slot
-			continue
-		}
-		wg.Go(func() {
-			defer func() { <-sem }()
-			e.record(u, send(ctx, e, body, false, u))
-		})
-	}
+		return func() { e.record(u, send(ctx, e, body, false, u)) }
+	})
 	e.mu.Lock()
-	e.res.scheduled += scheduled
-	e.res.dropped += dropped
-	e.res.maxLag = max(e.res.maxLag, maxLag)
+	e.res.Add(a)
 	e.mu.Unlock()
 }
 
@@ -646,7 +514,7 @@ func steady(ctx context.Context, e *loadEnv, wg *sync.WaitGroup, rate float64, b
 		wg.Go(func() { e.record(user, send(ctx, e, body, false, user)) })
 	}
 	e.mu.Lock()
-	e.res.scheduled += n
+	e.res.Scheduled += n
 	e.mu.Unlock()
 }
 
@@ -654,82 +522,38 @@ func steady(ctx context.Context, e *loadEnv, wg *sync.WaitGroup, rate float64, b
 // deadline: the next as soon as the previous ends after a 2xx, and no
 // sooner than retryGap after the previous one started otherwise.
 func closedLoop(ctx context.Context, e *loadEnv, body []byte, stream bool, user string) {
-	// Bounded in count too: one request per millisecond on average is far
-	// above what either limited upstream serves.
-	maxIter := int(e.o.duration/time.Millisecond) + 1000
-	var last time.Time
-	var gap time.Duration
-	for range maxIter {
-		if !rig.SleepUntil(ctx, last.Add(gap)) || !time.Now().Before(e.deadline) {
-			return
-		}
-		last = time.Now()
+	rig.ClosedLoop(ctx, e.res.start, e.deadline, retryGap, func() bool {
 		s := send(ctx, e, body, stream, user)
 		e.record(user, s)
-		gap = retryGap
-		if s.ok == 1 {
-			gap = 0
-		}
-	}
+		return s.ok == 1
+	})
 }
 
-// drain waits for wg, at most o.timeout+5s after the load stopped: each
-// request has its own timeout, so this bound is only reached if something
-// is badly wrong; then the stragglers are aborted (they count as errors)
-// and waited for.
-func drain(ctx context.Context, cancel context.CancelFunc, e *loadEnv, wg *sync.WaitGroup) {
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	select {
-	case <-done:
-		e.res.drained = true
-	case <-time.After(e.o.timeout + 5*time.Second):
-		cancel()
-		<-done
-	case <-ctx.Done():
-		<-done
-	}
-}
-
-func overloadLoad(ctx context.Context, e *loadEnv) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, maxInflight)
+func overloadLoad(ctx context.Context, e *loadEnv, wg *sync.WaitGroup) {
 	lambda := e.o.rate * upstreamRPM / 60
-	poisson(ctx, e, &wg, sem, rig.RNG(e.o.seed, 0x6f76_6572_6c6f_6164), lambda, requestBody(false),
+	poisson(ctx, e, wg, rig.RNG(e.o.seed, 0x6f76_6572_6c6f_6164), lambda, rig.ChatBody(false),
 		func(r *rand.Rand) string { return fmt.Sprintf("u%d", r.IntN(overloadUsers)) })
-	drain(ctx, cancel, e, &wg)
 }
 
-func fairnessLoad(ctx context.Context, e *loadEnv) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var wg sync.WaitGroup
-	body := requestBody(false)
+func fairnessLoad(ctx context.Context, e *loadEnv, wg *sync.WaitGroup) {
+	body := rig.ChatBody(false)
 	for range heavyWorkers {
 		wg.Go(func() { closedLoop(ctx, e, body, false, "heavy") })
 	}
-	sem := make(chan struct{}, maxInflight)
 	if e.o.lightPoisson {
-		poisson(ctx, e, &wg, sem, rig.RNG(e.o.seed, 0x6c69_6768_74), lightRate, body,
+		poisson(ctx, e, wg, rig.RNG(e.o.seed, 0x6c69_6768_74), lightRate, body,
 			func(*rand.Rand) string { return "light" })
 	} else {
-		steady(ctx, e, &wg, lightRate, body, "light")
+		steady(ctx, e, wg, lightRate, body, "light")
 	}
-	drain(ctx, cancel, e, &wg)
 }
 
-func concurrencyLoad(ctx context.Context, e *loadEnv) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var wg sync.WaitGroup
-	body := requestBody(true)
+func concurrencyLoad(ctx context.Context, e *loadEnv, wg *sync.WaitGroup) {
+	body := rig.ChatBody(true)
 	for i := range concWorkers {
 		user := fmt.Sprintf("c%d", i%concUsers)
 		wg.Go(func() { closedLoop(ctx, e, body, true, user) })
 	}
-	drain(ctx, cancel, e, &wg)
 }
 
 // span is the D of the share-used definition: the load window, extended
@@ -751,32 +575,18 @@ func (r *result) ceiling(o options) float64 {
 	return math.Min(1, (ruleBurst+float64(upstreamRPM)/60*r.span().Seconds())/r.capacity(o))
 }
 
-// table prints rows of label + one cell per result, aligned.
-type table struct{ *rig.Table }
-
-func newTable(w io.Writer, rs ...*result) *table {
-	labels := make([]string, len(rs))
-	for i, r := range rs {
-		labels[i] = r.label
-	}
-	return &table{rig.NewTable(w, labels...)}
-}
-
-// line adds a row whose cells are f(r) for each result, or a note when
-// the result did not run.
-func (t *table) line(label string, rs []*result, f func(r *result) string) {
-	cells := []string{label}
-	for _, r := range rs {
+// newTable starts a table with one column per result; a result that did
+// not run has a note in every cell instead of figures.
+func newTable(w io.Writer, rs []*result) *rig.Columns[*result] {
+	return rig.NewColumns(w, rs, func(r *result) string { return r.label }, func(r *result) string {
 		switch {
 		case r.err != nil:
-			cells = append(cells, "did not run")
+			return "did not run"
 		case r.skip != "":
-			cells = append(cells, "skipped")
-		default:
-			cells = append(cells, f(r))
+			return "skipped"
 		}
-	}
-	t.Row(cells...)
+		return ""
+	})
 }
 
 // queueDesc describes (b)'s queue for the parameter lines.
@@ -830,24 +640,24 @@ func overloadReport(w io.Writer, o options, a, b *result) {
 			"Open-loop Poisson arrivals at %.2f req/s (%.2g× the limit) from %d users for %s, seed %d; non-streamed.",
 			upstreamRPM, o.upstreamBurst, upstreamRPM, ruleBurst, queueDesc(o), lambda, o.rate, overloadUsers, o.duration, o.seed))
 	rs := []*result{a, b}
-	t := newTable(w, rs...)
-	t.line("requests sent", rs, func(r *result) string { return fmt.Sprint(r.total().sent) })
-	t.line("dropped by the load generator", rs, func(r *result) string { return fmt.Sprint(r.dropped) })
-	t.line("2xx", rs, func(r *result) string { return fmt.Sprint(r.total().ok) })
-	t.line("429 seen by clients", rs, func(r *result) string { s := r.total(); return fmt.Sprintf("%d (%s)", s.r429, rig.Pct(s.r429, s.sent)) })
-	t.line("  of which the upstream's", rs, func(r *result) string { return fmt.Sprint(r.total().r429up) })
-	t.line("other statuses / errors", rs, func(r *result) string { s := r.total(); return fmt.Sprintf("%d / %d", s.other, s.errs) })
-	t.line("upstream: requests received", rs, func(r *result) string { return fmt.Sprint(r.upTotal) })
-	t.line("upstream: accepted (2xx)", rs, func(r *result) string { return fmt.Sprint(r.up2xx) })
-	t.line("upstream: its own 429s", rs, func(r *result) string { return fmt.Sprint(r.up429) })
-	t.line("span D (window or last acceptance)", rs, func(r *result) string { return fmt.Sprintf("%.1f s", r.span().Seconds()) })
-	t.line("upstream capacity over D", rs, func(r *result) string { return fmt.Sprintf("%.0f", r.capacity(o)) })
-	t.line("share of the limit used", rs, func(r *result) string { return fmt.Sprintf("%.1f %%", 100*r.shareUsed(o)) })
-	t.line("latency p50 (2xx)", rs, func(r *result) string { return rig.LatCell(r.total().lat, 0.50) })
-	t.line("latency p99 (2xx)", rs, func(r *result) string { return rig.LatCell(r.total().lat, 0.99) })
-	t.line("latency max (2xx)", rs, func(r *result) string { return rig.MS(r.total().maxLatOK) })
-	t.line("latency max (all)", rs, func(r *result) string { return rig.MS(r.total().maxLatAll) })
-	t.line("arrival loop max lag", rs, func(r *result) string { return rig.MS(r.maxLag) })
+	t := newTable(w, rs)
+	t.Line("requests sent", func(r *result) string { return fmt.Sprint(r.total().sent) })
+	t.Line("dropped by the load generator", func(r *result) string { return fmt.Sprint(r.Dropped) })
+	t.Line("2xx", func(r *result) string { return fmt.Sprint(r.total().ok) })
+	t.Line("429 seen by clients", func(r *result) string { s := r.total(); return fmt.Sprintf("%d (%s)", s.r429, rig.Pct(s.r429, s.sent)) })
+	t.Line("  of which the upstream's", func(r *result) string { return fmt.Sprint(r.total().r429up) })
+	t.Line("other statuses / errors", func(r *result) string { s := r.total(); return fmt.Sprintf("%d / %d", s.other, s.errs) })
+	t.Line("upstream: requests received", func(r *result) string { return fmt.Sprint(r.upTotal) })
+	t.Line("upstream: accepted (2xx)", func(r *result) string { return fmt.Sprint(r.up2xx) })
+	t.Line("upstream: its own 429s", func(r *result) string { return fmt.Sprint(r.up429) })
+	t.Line("span D (window or last acceptance)", func(r *result) string { return fmt.Sprintf("%.1f s", r.span().Seconds()) })
+	t.Line("upstream capacity over D", func(r *result) string { return fmt.Sprintf("%.0f", r.capacity(o)) })
+	t.Line("share of the limit used", func(r *result) string { return fmt.Sprintf("%.1f %%", 100*r.shareUsed(o)) })
+	t.Line("latency p50 (2xx)", func(r *result) string { return rig.LatCell(r.total().lat, 0.50) })
+	t.Line("latency p99 (2xx)", func(r *result) string { return rig.LatCell(r.total().lat, 0.99) })
+	t.Line("latency max (2xx)", func(r *result) string { return rig.MS(r.total().maxLatOK) })
+	t.Line("latency max (all)", func(r *result) string { return rig.MS(r.total().maxLatAll) })
+	t.Line("arrival loop max lag", func(r *result) string { return rig.MS(r.MaxLag) })
 	t.Flush()
 	fmt.Fprintf(w, "\ncapacity = upstream burst %d + %d/60 per s × D; share used = upstream 2xx ÷ capacity.\n", o.upstreamBurst, upstreamRPM)
 	runNotes(w, a, b)
@@ -892,21 +702,21 @@ func fairnessReport(w io.Writer, o options, a, b *result) {
 			"User heavy: %d closed-loop workers (at most one request per %s after a refusal); user light: %s %.1f req/s; for %s, seed %d; non-streamed.",
 			upstreamRPM, o.upstreamBurst, upstreamRPM, ruleBurst, queueDesc(o), heavyWorkers, retryGap, map[bool]string{true: "Poisson", false: "steady"}[o.lightPoisson], lightRate, o.duration, o.seed))
 	rs := []*result{a, b}
-	t := newTable(w, rs...)
+	t := newTable(w, rs)
 	for _, u := range []string{"heavy", "light"} {
-		t.line(u+": requests", rs, func(r *result) string { return fmt.Sprint(r.user(u).sent) })
-		t.line(u+": 2xx", rs, func(r *result) string { return fmt.Sprint(r.user(u).ok) })
-		t.line(u+": 429", rs, func(r *result) string { s := r.user(u); return fmt.Sprintf("%d (%s)", s.r429, rig.Pct(s.r429, s.sent)) })
-		t.line(u+": other / errors", rs, func(r *result) string { s := r.user(u); return fmt.Sprintf("%d / %d", s.other, s.errs) })
-		t.line(u+": p50 (2xx)", rs, func(r *result) string { return rig.LatCell(r.user(u).lat, 0.50) })
-		t.line(u+": p99 (2xx)", rs, func(r *result) string { return rig.LatCell(r.user(u).lat, 0.99) })
+		t.Line(u+": requests", func(r *result) string { return fmt.Sprint(r.user(u).sent) })
+		t.Line(u+": 2xx", func(r *result) string { return fmt.Sprint(r.user(u).ok) })
+		t.Line(u+": 429", func(r *result) string { s := r.user(u); return fmt.Sprintf("%d (%s)", s.r429, rig.Pct(s.r429, s.sent)) })
+		t.Line(u+": other / errors", func(r *result) string { s := r.user(u); return fmt.Sprintf("%d / %d", s.other, s.errs) })
+		t.Line(u+": p50 (2xx)", func(r *result) string { return rig.LatCell(r.user(u).lat, 0.50) })
+		t.Line(u+": p99 (2xx)", func(r *result) string { return rig.LatCell(r.user(u).lat, 0.99) })
 	}
-	t.line("upstream: requests received", rs, func(r *result) string { return fmt.Sprint(r.upTotal) })
-	t.line("upstream: accepted (2xx)", rs, func(r *result) string { return fmt.Sprint(r.up2xx) })
-	t.line("upstream: its own 429s", rs, func(r *result) string { return fmt.Sprint(r.up429) })
-	t.line("span D (window or last acceptance)", rs, func(r *result) string { return fmt.Sprintf("%.1f s", r.span().Seconds()) })
-	t.line("upstream capacity over D", rs, func(r *result) string { return fmt.Sprintf("%.0f", r.capacity(o)) })
-	t.line("share of the limit used", rs, func(r *result) string { return fmt.Sprintf("%.1f %%", 100*r.shareUsed(o)) })
+	t.Line("upstream: requests received", func(r *result) string { return fmt.Sprint(r.upTotal) })
+	t.Line("upstream: accepted (2xx)", func(r *result) string { return fmt.Sprint(r.up2xx) })
+	t.Line("upstream: its own 429s", func(r *result) string { return fmt.Sprint(r.up429) })
+	t.Line("span D (window or last acceptance)", func(r *result) string { return fmt.Sprintf("%.1f s", r.span().Seconds()) })
+	t.Line("upstream capacity over D", func(r *result) string { return fmt.Sprintf("%.0f", r.capacity(o)) })
+	t.Line("share of the limit used", func(r *result) string { return fmt.Sprintf("%.1f %%", 100*r.shareUsed(o)) })
 	t.Flush()
 	fmt.Fprintf(w, "\ncapacity = upstream burst %d + %d/60 per s × D; share used = upstream 2xx ÷ capacity.\n", o.upstreamBurst, upstreamRPM)
 	runNotes(w, a, b)
@@ -946,22 +756,22 @@ func concurrencyReport(w io.Writer, o options, a, b *result) {
 		fmt.Fprintln(w)
 	}
 	rs := []*result{a, b}
-	t := newTable(w, rs...)
-	t.line("requests sent", rs, func(r *result) string { return fmt.Sprint(r.total().sent) })
-	t.line("2xx (complete streams)", rs, func(r *result) string { return fmt.Sprint(r.total().ok) })
+	t := newTable(w, rs)
+	t.Line("requests sent", func(r *result) string { return fmt.Sprint(r.total().sent) })
+	t.Line("2xx (complete streams)", func(r *result) string { return fmt.Sprint(r.total().ok) })
 	for i := range concUsers {
 		u := fmt.Sprintf("c%d", i)
-		t.line("  of which "+u, rs, func(r *result) string { return fmt.Sprint(r.user(u).ok) })
+		t.Line("  of which "+u, func(r *result) string { return fmt.Sprint(r.user(u).ok) })
 	}
-	t.line("503 seen by clients", rs, func(r *result) string { s := r.total(); return fmt.Sprintf("%d (%s)", s.r503, rig.Pct(s.r503, s.sent)) })
-	t.line("429 seen by clients", rs, func(r *result) string { return fmt.Sprint(r.total().r429) })
-	t.line("other statuses / errors", rs, func(r *result) string { s := r.total(); return fmt.Sprintf("%d / %d", s.other, s.errs) })
-	t.line("upstream: requests received", rs, func(r *result) string { return fmt.Sprint(r.upTotal) })
-	t.line("upstream: its own 503s", rs, func(r *result) string { return fmt.Sprint(r.up503) })
-	t.line("upstream: peak in flight", rs, func(r *result) string { return fmt.Sprint(r.upPeak) })
-	t.line("throughput (2xx/s)", rs, func(r *result) string { return fmt.Sprintf("%.2f", r.throughput()) })
-	t.line("latency p50 (2xx)", rs, func(r *result) string { return rig.LatCell(r.total().lat, 0.50) })
-	t.line("latency p99 (2xx)", rs, func(r *result) string { return rig.LatCell(r.total().lat, 0.99) })
+	t.Line("503 seen by clients", func(r *result) string { s := r.total(); return fmt.Sprintf("%d (%s)", s.r503, rig.Pct(s.r503, s.sent)) })
+	t.Line("429 seen by clients", func(r *result) string { return fmt.Sprint(r.total().r429) })
+	t.Line("other statuses / errors", func(r *result) string { s := r.total(); return fmt.Sprintf("%d / %d", s.other, s.errs) })
+	t.Line("upstream: requests received", func(r *result) string { return fmt.Sprint(r.upTotal) })
+	t.Line("upstream: its own 503s", func(r *result) string { return fmt.Sprint(r.up503) })
+	t.Line("upstream: peak in flight", func(r *result) string { return fmt.Sprint(r.upPeak) })
+	t.Line("throughput (2xx/s)", func(r *result) string { return fmt.Sprintf("%.2f", r.throughput()) })
+	t.Line("latency p50 (2xx)", func(r *result) string { return rig.LatCell(r.total().lat, 0.50) })
+	t.Line("latency p99 (2xx)", func(r *result) string { return rig.LatCell(r.total().lat, 0.99) })
 	t.Flush()
 	fmt.Fprintf(w, "\npeak in flight counts every request inside fakellm's handler at once, including those it refuses with 503; "+
 		"throughput = 2xx ÷ time from the start to the end of the last 2xx.\n")

@@ -38,8 +38,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"runtime"
@@ -153,10 +151,11 @@ type result struct {
 	name      string
 	limiterOn bool // configuration (b)
 
-	scheduled int           // arrivals the Poisson schedule produced
-	sent      int           // requests actually sent
-	dropped   int           // arrivals not sent because maxInflight were in flight
-	maxLag    time.Duration // worst lateness of the arrival loop behind its schedule
+	// The arrivals the Poisson schedule produced, those not sent because
+	// maxInflight were in flight, and the arrival loop's worst lateness
+	// behind its schedule.
+	rig.Arrivals
+	sent int // requests actually sent
 
 	ok        int   // client got a 2xx
 	client429 int   // client got a 429 (from the module or passed on from the upstream)
@@ -196,41 +195,29 @@ func runConfig(name string, limiter bool, o options) (result, error) {
 	if err != nil {
 		return res, err
 	}
-	if err := loadCaddy(caddyfile(port, strings.TrimPrefix(up.URL, "http://"), limiter, o)); err != nil {
+	if err := loadCaddy(caddyfile(port, rig.Upstream(up), limiter, o)); err != nil {
 		return res, err
 	}
-	defer func() {
-		if err := caddy.Stop(); err != nil {
-			fmt.Fprintln(os.Stderr, "tpm: stopping caddy:", err)
-		}
-	}()
+	defer rig.StopCaddy("tpm")
 
-	url := fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", port)
-	runLoad(&res, url, o)
+	runLoad(&res, rig.ChatURL(port), o)
 	res.upstreamTotal, res.upstreamLimited = up.Counts()
 	return res, nil
 }
 
 // caddyfile is the configuration under test: reverse_proxy to the fake
 // upstream, after an llm_rate_limit rule set to the upstream's own limit
-// when limiter is true. The global options keep Caddy in-process, quiet and
-// on loopback, as caddytest's harness does.
+// when limiter is true.
 func caddyfile(port int, upstream string, limiter bool, o options) string {
-	var b strings.Builder
-	b.WriteString("{\n\tadmin off\n\tpersist_config off\n\tauto_https off\n\tdefault_bind 127.0.0.1\n\tgrace_period 5s\n")
-	if !o.verbose {
-		b.WriteString("\tlog {\n\t\toutput discard\n\t}\n")
-	}
-	b.WriteString("}\n\n")
-	fmt.Fprintf(&b, ":%d {\n", port)
+	block := ""
 	if limiter {
-		fmt.Fprintf(&b, "\tllm_rate_limit {\n\t\trule upstream-tpm {\n\t\t\tlimit %d tokens_per_minute\n\t\t}\n\t}\n", o.ruleTPM)
+		block = fmt.Sprintf("\tllm_rate_limit {\n\t\trule upstream-tpm {\n\t\t\tlimit %d tokens_per_minute\n\t\t}\n\t}\n", o.ruleTPM)
 	}
-	fmt.Fprintf(&b, "\treverse_proxy %s\n}\n", upstream)
-	return b.String()
+	return rig.Caddyfile(fmt.Sprintf(":%d", port), upstream, block, o.verbose)
 }
 
-// loadCaddy adapts a Caddyfile and loads it into the process's Caddy.
+// loadCaddy adapts a Caddyfile and loads it into the process's Caddy. It
+// is not rig.LoadCaddy: its adapt error shows the whole Caddyfile.
 func loadCaddy(caddyfile string) error {
 	cfg, err := rig.Adapt(caddyfile)
 	if err != nil {
@@ -256,89 +243,44 @@ func requestBody() []byte {
 // (at most o.timeout) for the requests in flight to finish.
 func runLoad(res *result, url string, o options) {
 	body := requestBody()
-	client := &http.Client{
-		Timeout: o.timeout,
-		Transport: &http.Transport{
-			DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
-			MaxIdleConns:        o.maxInflight,
-			MaxIdleConnsPerHost: o.maxInflight,
-			IdleConnTimeout:     90 * time.Second,
-		},
-	}
+	client := &http.Client{Timeout: o.timeout, Transport: rig.Transport(o.maxInflight)}
 	defer client.CloseIdleConnections()
 	ctx, cancel := context.WithTimeout(context.Background(), o.duration+o.timeout)
 	defer cancel()
 
 	lambda := o.arrivalRate()
-	rng := rand.New(rand.NewPCG(o.seed, 0x7470_6d62_656e_6368)) // same schedule for every configuration
-	// A hard cap on arrivals, far above what a Poisson process at lambda
-	// produces in o.duration, so the loop is bounded in count as well.
-	maxArrivals := int(lambda*o.duration.Seconds()*2) + 1000
 	res.latencies = make([]time.Duration, 0, int(lambda*o.duration.Seconds())+16)
 
 	var (
-		mu  sync.Mutex // guards res while requests are in flight
-		wg  sync.WaitGroup
-		sem = make(chan struct{}, o.maxInflight)
+		mu sync.Mutex // guards res while requests are in flight
+		wg sync.WaitGroup
 	)
 	start := time.Now()
-	deadline := start.Add(o.duration)
-	next := start
-	for range maxArrivals {
-		// Exponential gaps make a Poisson process. The schedule is kept in
-		// absolute times, so a late wake-up does not shift later arrivals.
-		next = next.Add(time.Duration(rng.ExpFloat64() / lambda * float64(time.Second)))
-		if !next.Before(deadline) {
-			break
-		}
-		if d := time.Until(next); d > 0 {
-			time.Sleep(d)
-		}
-		res.maxLag = max(res.maxLag, time.Since(next))
-		res.scheduled++
-		select {
-		case sem <- struct{}{}:
-		default:
-			res.dropped++ // open loop: never wait for a slot
-			continue
-		}
-		res.sent++
-		wg.Go(func() {
-			defer func() { <-sem }()
-			one(ctx, client, url, body, start, res, &mu)
-		})
+	p := rig.Poisson{
+		RNG:         rig.RNG(o.seed, 0x7470_6d62_656e_6368), // same schedule for every configuration
+		Rate:        lambda,
+		Start:       start,
+		Deadline:    start.Add(o.duration),
+		MaxInflight: o.maxInflight,
 	}
+	res.Arrivals = p.Run(ctx, &wg, func(int) func() {
+		return func() { one(ctx, client, url, body, start, res, &mu) }
+	})
+	res.sent = res.Scheduled - res.Dropped
 
 	// Wait for the requests in flight, bounded: each has its own timeout,
-	// and ctx ends o.timeout after the arrival phase.
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	select {
-	case <-done:
-		res.drained = true
-	case <-time.After(o.timeout + 5*time.Second):
-		// Should not happen, as each request has its own timeout. Abort
-		// the stragglers (they count as errors) and wait for them to go.
-		cancel()
-		<-done
-	}
+	// and ctx ends o.timeout after the arrival phase. Drain watches
+	// context.Background(), not ctx: ctx ends some 5 s before the bound,
+	// and the requests its end aborts still finish within the bound, so
+	// they count as drained.
+	res.drained = rig.Drain(context.Background(), cancel, &wg, o.timeout+5*time.Second)
 }
 
 // one sends a single request, never retrying, and records its outcome.
 func one(ctx context.Context, client *http.Client, url string, body []byte, start time.Time, res *result, mu *sync.Mutex) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
-	if err != nil {
-		panic(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", "Bearer sk-bench-not-a-key")
+	req := rig.NewPost(ctx, url, body)
 	t0 := time.Now()
-	resp, err := client.Do(req) // a POST without an idempotency key is never retried by net/http
-	var raw []byte
-	if err == nil {
-		raw, err = io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-		resp.Body.Close()
-	}
+	resp, raw, err := rig.Do(client, req)
 	lat := time.Since(t0)
 
 	var usage int64 = -1
@@ -395,7 +337,7 @@ func report(w io.Writer, o options, results []result) {
 		slices.Sort(r.latencies)
 		served := r.ok * tokensPerRequest
 		fmt.Fprintf(w, "| %s | %d | %d | %d | %d (%s) | %d | %d / %d | %d | %d | %.0f | %.1f %% | %s | %s |\n",
-			r.name, r.sent, r.dropped, r.ok, r.client429, rig.Pct(r.client429, r.sent),
+			r.name, r.sent, r.Dropped, r.ok, r.client429, rig.Pct(r.client429, r.sent),
 			r.upstreamLimited, r.other, r.errs,
 			r.sent*tokensPerRequest, served, capTokens, 100*float64(served)/capTokens,
 			ms(rig.Percentile(r.latencies, 0.50)), ms(rig.Percentile(r.latencies, 0.99)))
@@ -436,7 +378,7 @@ func report(w io.Writer, o options, results []result) {
 			notes = append(notes, fmt.Sprintf("the client got upstream 429s at %s after the start", strings.Join(at, ", ")))
 		}
 		notes = append(notes, fmt.Sprintf("%d requests reached the upstream; the arrival loop ran at most %s behind its schedule",
-			r.upstreamTotal, ms(r.maxLag)))
+			r.upstreamTotal, ms(r.MaxLag)))
 		fmt.Fprintf(w, "- %s: %s.\n", r.name, strings.Join(notes, "; "))
 	}
 	if len(results) == 2 {

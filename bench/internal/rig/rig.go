@@ -1,6 +1,7 @@
 // Package rig holds what the load programs under bench/ share: ports,
-// the Caddyfile adapter, seeded arrivals, percentiles, and the plain-text
-// report with its machine line.
+// the Caddyfile and the in-process Caddy in front of fakellm, the client
+// side (requests, open- and closed-loop load, the drain), seeded arrivals,
+// percentiles, and the plain-text report with its machine line.
 package rig
 
 import (
@@ -13,6 +14,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"runtime"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -38,6 +40,18 @@ func Adapt(cf string) ([]byte, error) {
 	}
 	cfg, _, err := adapter.Adapt([]byte(cf), map[string]any{"filename": "Caddyfile"})
 	return cfg, err
+}
+
+// Select returns the scenarios whose name is want, in order, or all of
+// them when want is "all".
+func Select[S any](all []S, want string, name func(S) string) []S {
+	var selected []S
+	for _, s := range all {
+		if want == "all" || want == name(s) {
+			selected = append(selected, s)
+		}
+	}
+	return selected
 }
 
 // RNG returns the seeded generator of one stream of random draws, so that
@@ -124,6 +138,56 @@ func (t *Table) Row(cells ...string) {
 
 // Flush writes the table out.
 func (t *Table) Flush() { _ = t.tw.Flush() }
+
+// Columns is a Table with one column per result: a row is a label, then
+// one cell per result.
+type Columns[R any] struct {
+	*Table
+	rs   []R
+	note func(R) string
+}
+
+// NewColumns starts a Columns table over rs, headed by label(r) of each
+// result. note(r) is what a result's cells say when it has no figures (it
+// did not run), "" when it has them.
+func NewColumns[R any](w io.Writer, rs []R, label, note func(R) string) *Columns[R] {
+	labels := make([]string, len(rs))
+	for i, r := range rs {
+		labels[i] = label(r)
+	}
+	return &Columns[R]{Table: NewTable(w, labels...), rs: rs, note: note}
+}
+
+// Line adds a row: label, then f(r), or r's note, for each result r.
+func (c *Columns[R]) Line(label string, f func(r R) string) {
+	cells := []string{label}
+	for _, r := range c.rs {
+		if n := c.note(r); n != "" {
+			cells = append(cells, n)
+		} else {
+			cells = append(cells, f(r))
+		}
+	}
+	c.Row(cells...)
+}
+
+// PrintIntro prints the command that prog (a program under bench/) runs
+// as, and the machine line.
+func PrintIntro(w io.Writer, prog string) {
+	fmt.Fprintf(w, "`%s`\n\n", strings.Join(append([]string{"go run ./bench/" + prog}, os.Args[1:]...), " "))
+	fmt.Fprintf(w, "Machine: %s, nproc %d, CPU %s, GOMAXPROCS %d. Load generator, Caddy and the fake upstream share this one process.\n",
+		runtime.Version(), runtime.NumCPU(), CPUModel(), runtime.GOMAXPROCS(0))
+}
+
+// PrintEnd prints the load average and the goroutine count, against
+// goroutines at the start. Every run has stopped its Caddy, its fakellm
+// and its load by now; SettleGoroutines gives closed connections'
+// goroutines time to return.
+func PrintEnd(w io.Writer, goroutines int) {
+	end := SettleGoroutines(goroutines)
+	fmt.Fprintf(w, "\nLoad average at the end: %s. Goroutines: %d at the start, %d at the end.\n",
+		LoadAvg(), goroutines, end)
+}
 
 // CPUModel returns the CPU model /proc/cpuinfo names, for the machine line.
 func CPUModel() string {
