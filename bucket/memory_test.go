@@ -75,18 +75,24 @@ func TestLimitValidate(t *testing.T) {
 	}
 }
 
+// benchCharges is one admission in the benchmarks: a rule per user and
+// model, a rule per team and a model limit, all too roomy to refuse.
+func benchCharges(user, team string) []bucket.Charge {
+	l := bucket.Limit{Count: 1e9, Window: time.Second}
+	return []bucket.Charge{
+		{Key: []byte("rule-a\x1f" + user + "\x1fgpt-4o"), Limit: l, Cost: 1},
+		{Key: []byte("rule-b\x1f" + team), Limit: l, Cost: 1},
+		{Key: []byte("model:gpt-4o"), Limit: l, Cost: 1},
+	}
+}
+
 // BenchmarkMemoryReserve3 measures one admission over three buckets.
 func BenchmarkMemoryReserve3(b *testing.B) {
 	s := bucket.NewMemoryStore()
 	// time.Now, as in production: its monotonic reading is what the
 	// store's clock uses.
 	now := time.Now()
-	l := bucket.Limit{Count: 1e9, Window: time.Second}
-	cs := []bucket.Charge{
-		{Key: []byte("rule-a\x1fuser@example.com\x1fgpt-4o"), Limit: l, Cost: 1},
-		{Key: []byte("rule-b\x1fteam-backend"), Limit: l, Cost: 1},
-		{Key: []byte("model:gpt-4o"), Limit: l, Cost: 1},
-	}
+	cs := benchCharges("user@example.com", "team-backend")
 	st := make([]bucket.State, len(cs))
 	b.ReportAllocs()
 	for i := 0; b.Loop(); i++ {

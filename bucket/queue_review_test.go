@@ -17,22 +17,6 @@ func (h *queueHarness) fillBucket() {
 	}
 }
 
-// drain serves whatever is still queued.
-func (h *queueHarness) drain() {
-	h.t.Helper()
-	for h.q.Len() > 0 {
-		h.clock.Advance(time.Second)
-		for {
-			select {
-			case <-h.results:
-				continue
-			case <-time.After(5 * time.Millisecond):
-			}
-			break
-		}
-	}
-}
-
 // A flow that keeps exactly one request waiting (a client that sends its
 // next request as soon as the previous one is admitted) is forgotten every
 // time it is served, and comes back at the class's virtual time, which is

@@ -222,6 +222,22 @@ func (h *queueHarness) none() {
 	}
 }
 
+// drain serves whatever is still queued.
+func (h *queueHarness) drain() {
+	h.t.Helper()
+	for h.q.Len() > 0 {
+		h.clock.Advance(time.Second)
+		for {
+			select {
+			case <-h.results:
+				continue
+			case <-time.After(5 * time.Millisecond):
+			}
+			break
+		}
+	}
+}
+
 const interval = 100 * time.Millisecond
 
 var wait1m = Policy{MaxWait: time.Minute}
@@ -765,16 +781,5 @@ func TestQueueLightUserBehindClosedLoop(t *testing.T) {
 	if worst > 600*time.Millisecond {
 		t.Errorf("a light request waited %s", worst)
 	}
-	// Drain.
-	for h.q.Len() > 0 {
-		h.clock.Advance(time.Second)
-		for {
-			select {
-			case <-h.results:
-				continue
-			case <-time.After(5 * time.Millisecond):
-			}
-			break
-		}
-	}
+	h.drain()
 }

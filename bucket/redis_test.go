@@ -619,12 +619,7 @@ func BenchmarkRedisReserve(b *testing.B) {
 	var h redisCounter
 	c.AddHook(&h)
 	s := newTestRedisStore(c, false)
-	l := bucket.Limit{Count: 1e9, Window: time.Second}
-	cs := []bucket.Charge{
-		{Key: []byte("rule-a\x1fuser@example.com\x1fgpt-4o"), Limit: l, Cost: 1},
-		{Key: []byte("rule-b\x1fteam-backend"), Limit: l, Cost: 1},
-		{Key: []byte("model:gpt-4o"), Limit: l, Cost: 1},
-	}
+	cs := benchCharges("user@example.com", "team-backend")
 	st := make([]bucket.State, len(cs))
 	ctx := context.Background()
 	if _, err := s.Reserve(ctx, time.Now(), cs, 0, st); err != nil { // loads the script
@@ -665,11 +660,7 @@ func BenchmarkRedisReserveParallel(b *testing.B) {
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
 		u := fmt.Sprintf("user%d", users.Add(1))
-		cs := []bucket.Charge{
-			{Key: []byte("rule-a\x1f" + u + "\x1fgpt-4o"), Limit: l, Cost: 1},
-			{Key: []byte("rule-b\x1f" + u), Limit: l, Cost: 1},
-			{Key: []byte("model:gpt-4o"), Limit: l, Cost: 1},
-		}
+		cs := benchCharges(u, u)
 		st := make([]bucket.State, len(cs))
 		for pb.Next() {
 			if _, err := s.Reserve(ctx, time.Now(), cs, 0, st); err != nil {

@@ -148,19 +148,9 @@ func TestAdaptiveLearnsAConcurrencyCap(t *testing.T) {
 // client after one attempt.
 func TestAdaptiveNeverRetriesClientErrors(t *testing.T) {
 	h := newHarness(t)
-	back := freePort(t)
-	h.load(fmt.Sprintf(`:%d {
-	llm_rate_limit {
-		adaptive {
+	h.loadBeforeSite(`		adaptive {
 			attempts_header X-Upstream-Attempts
-		}
-	}
-	reverse_proxy 127.0.0.1:%d
-}
-:%d {
-	respond "{\"error\":\"no\"}" {header.X-Want-Status}
-}
-`, h.port, back, back))
+		}`, `	respond "{\"error\":\"no\"}" {header.X-Want-Status}`)
 	for _, status := range []string{"400", "401", "403", "404", "422"} {
 		r := h.post("/v1/chat/completions", chatBody("gpt-4o"), "X-Want-Status", status)
 		if fmt.Sprint(r.status) != status || r.header.Get("X-Upstream-Attempts") != "1" {
@@ -233,20 +223,10 @@ func TestAdaptiveLearnedSurvivesReload(t *testing.T) {
 // one it did read is retried with the same body.
 func TestAdaptiveRetriesOnlyReplayableBodies(t *testing.T) {
 	h := newHarness(t)
-	back := freePort(t)
-	h.load(fmt.Sprintf(`:%d {
-	llm_rate_limit {
-		adaptive {
+	h.loadBeforeSite(`		adaptive {
 			retries 2
 			attempts_header X-Upstream-Attempts
-		}
-	}
-	reverse_proxy 127.0.0.1:%d
-}
-:%d {
-	respond "busy" 503
-}
-`, h.port, back, back))
+		}`, `	respond "busy" 503`)
 	r := h.post("/v1/files", strings.Repeat("x", 1000))
 	if r.status != 503 || r.header.Get("X-Upstream-Attempts") != "1" {
 		t.Errorf("unparsed body: %v, attempts %q; want the upstream's 503 after one attempt", r, r.header.Get("X-Upstream-Attempts"))

@@ -453,9 +453,7 @@ func TestExampleQueue(t *testing.T) {
 	h, up := loadSeedExample(t, "queue.Caddyfile", fakellm.Config{MaxConcurrent: 4, StreamChunks: 3, ChunkDelay: 10 * time.Millisecond})
 	rs := h.parallel(12, "alice", "X-Priority", "interactive")
 	for i, r := range rs {
-		if r.err != nil || r.status != 200 {
-			t.Fatalf("gpt-4o request %d: %v %v", i, r.err, r.response)
-		}
+		wantServed(t, fmt.Sprintf("gpt-4o request %d", i), r)
 	}
 	out := make([]queued, 16)
 	var wg sync.WaitGroup
@@ -469,9 +467,7 @@ func TestExampleQueue(t *testing.T) {
 	wg.Wait()
 	waited := 0
 	for i, r := range out {
-		if r.err != nil || r.status != 200 {
-			t.Fatalf("llama request %d: %v %v", i, r.err, r.response)
-		}
+		wantServed(t, fmt.Sprintf("llama request %d", i), r)
 		if queueWait(r) > 0 {
 			waited++
 		}

@@ -159,6 +159,14 @@ func (h *harness) loadHandler(handlerBlock string, up *fakellm.Server) {
 	h.load(h.site(handlerBlock, hostPort(up)))
 }
 
+// loadBeforeSite loads the handler block in front of a second site, on a
+// port of its own, whose directives (backend) stand in for the upstream.
+func (h *harness) loadBeforeSite(handlerBlock, backend string) {
+	h.t.Helper()
+	back := freePort(h.t)
+	h.load(h.site(handlerBlock, fmt.Sprintf("127.0.0.1:%d", back)) + fmt.Sprintf(":%d {\n%s\n}\n", back, backend))
+}
+
 // response is a fully read response.
 type response struct {
 	status int
@@ -253,6 +261,18 @@ func (h *harness) get(path string, hdr ...string) response {
 func (h *harness) chat(model string, hdr ...string) response {
 	h.t.Helper()
 	return h.post("/v1/chat/completions", chatBody(model), hdr...)
+}
+
+// openStream starts a streamed gpt-4o chat completion under ctx and returns
+// the response with its body unread, or the transport's error.
+func (h *harness) openStream(ctx context.Context) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, h.base+"/v1/chat/completions",
+		strings.NewReader(`{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}`))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	return h.client.Do(req)
 }
 
 func chatBody(model string) string {

@@ -138,13 +138,10 @@ func TestRateLimitHeadersOnEveryStatus(t *testing.T) {
 // client sees the upstream's alone, unchanged.
 func TestUpstreamSameNamedHeadersWin(t *testing.T) {
 	h := newHarness(t)
-	upPort := freePort(t)
-	h.load(h.site(`
+	h.loadBeforeSite(`
 		rule all {
 			limit 10 requests_per_hour
-		}`, fmt.Sprintf("127.0.0.1:%d", upPort)) + fmt.Sprintf(`
-:%d {
-	header {
+		}`, `	header {
 		RateLimit-Policy "\"upstream\";q=100;w=60"
 		RateLimit "\"upstream\";r=99;t=1"
 		X-RateLimit-Limit 100
@@ -152,9 +149,7 @@ func TestUpstreamSameNamedHeadersWin(t *testing.T) {
 		X-RateLimit-Reset 12345
 		X-Upstream-Only yes
 	}
-	respond "from upstream" 200
-}
-`, upPort))
+	respond "from upstream" 200`)
 	r := h.chat("gpt-4o")
 	wantStatus(t, "proxied", r, http.StatusOK)
 	if string(r.body) != "from upstream" {
@@ -196,10 +191,7 @@ func TestRateLimitHeadersOnUpstream503(t *testing.T) {
 	defer cancel()
 	held := make(chan error, 1)
 	go func() {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, h.base+"/v1/chat/completions",
-			strings.NewReader(`{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}`))
-		req.Header.Set("Content-Type", "application/json")
-		res, err := h.client.Do(req)
+		res, err := h.openStream(ctx)
 		if err == nil {
 			_, err = io.Copy(io.Discard, res.Body)
 			res.Body.Close()
@@ -240,10 +232,7 @@ func TestStreamingPassesThrough(t *testing.T) {
 		}`, up)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, h.base+"/v1/chat/completions",
-		strings.NewReader(`{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}`))
-	req.Header.Set("Content-Type", "application/json")
-	res, err := h.client.Do(req)
+	res, err := h.openStream(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}

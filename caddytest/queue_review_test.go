@@ -51,7 +51,5 @@ func TestReviewQueueRefusalHeadersFromNoState(t *testing.T) {
 	if reset, _ := strconv.ParseInt(r.header.Get("X-RateLimit-Reset"), 10, 64); reset < time.Now().Unix() {
 		t.Errorf("X-RateLimit-Reset %d is in the past", reset)
 	}
-	if s := <-second; s.err != nil || s.status != 200 {
-		t.Fatalf("second: %v %v", s.err, s.response)
-	}
+	wantServed(t, "second", <-second)
 }

@@ -82,26 +82,39 @@ func queueWait(r queued) int64 {
 	return v
 }
 
+// wantServed checks that a request sent without the harness (send,
+// parallel) got through and was answered 200.
+func wantServed(t testing.TB, what string, r queued) {
+	t.Helper()
+	if r.err != nil || r.status != 200 {
+		t.Fatalf("%s: %v %v", what, r.err, r.response)
+	}
+}
+
+// queueConfig is the handler block of most queue tests: users named by
+// X-User, a queue that waits up to maxWait, and one rule with its limit.
+func queueConfig(maxWait, rule, limit string) string {
+	return fmt.Sprintf(`		user {http.request.header.X-User}
+		queue {
+			max_wait %s
+		}
+		rule %s {
+			limit %s
+		}`, maxWait, rule, limit)
+}
+
 // Requests a bucket cannot take at once wait for their turn, one service
 // interval apart, and say how long they waited; none is refused.
 func TestQueueWaitsInsteadOfRefusing(t *testing.T) {
 	up := startFake(t, fakellm.Config{})
 	h := newHarness(t)
-	h.loadHandler(`		user {http.request.header.X-User}
-		queue {
-			max_wait 10s
-		}
-		rule r {
-			limit 10 requests_per_second burst 1
-		}`, up)
+	h.loadHandler(queueConfig("10s", "r", "10 requests_per_second burst 1"), up)
 	start := time.Now()
 	rs := h.parallel(6, "alice")
 	elapsed := time.Since(start)
 	var waits []int64
 	for i, r := range rs {
-		if r.err != nil || r.status != 200 {
-			t.Fatalf("request %d: %v %v", i, r.err, r.response)
-		}
+		wantServed(t, fmt.Sprintf("request %d", i), r)
 		if w := queueWait(r); w > 0 {
 			waits = append(waits, w)
 			if d := r.header.Get("X-Queue-Depth"); d == "" {
@@ -128,13 +141,7 @@ func TestQueueWaitsInsteadOfRefusing(t *testing.T) {
 func TestQueuePredictiveRefusal(t *testing.T) {
 	up := startFake(t, fakellm.Config{})
 	h := newHarness(t)
-	h.loadHandler(`		user {http.request.header.X-User}
-		queue {
-			max_wait 1s
-		}
-		rule r {
-			limit 1 requests_per_minute
-		}`, up)
+	h.loadHandler(queueConfig("1s", "r", "1 requests_per_minute"), up)
 	wantStatus(t, "first", h.chat("gpt-4o", "X-User", "a"), 200)
 	start := time.Now()
 	r := h.chat("gpt-4o", "X-User", "a")
@@ -158,13 +165,7 @@ func TestQueuePredictiveRefusal(t *testing.T) {
 func TestQueueFairnessThroughCaddy(t *testing.T) {
 	up := startFake(t, fakellm.Config{})
 	h := newHarness(t)
-	h.loadHandler(`		user {http.request.header.X-User}
-		queue {
-			max_wait 20s
-		}
-		rule shared {
-			limit 20 requests_per_second burst 1
-		}`, up)
+	h.loadHandler(queueConfig("20s", "shared", "20 requests_per_second burst 1"), up)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	stop := make(chan struct{})
@@ -199,9 +200,7 @@ func TestQueueFairnessThroughCaddy(t *testing.T) {
 	close(stop)
 	heavy.Wait()
 	for i, r := range light {
-		if r.err != nil || r.status != 200 {
-			t.Fatalf("light request %d: %v %v", i, r.err, r.response)
-		}
+		wantServed(t, fmt.Sprintf("light request %d", i), r)
 		// One interval is 50 ms; allow for the request in service and the
 		// machine's noise, but far below the flood's 600 ms backlog.
 		if r.elapsed > 250*time.Millisecond {
@@ -221,19 +220,11 @@ func TestQueueFairnessThroughCaddy(t *testing.T) {
 func TestQueueConcurrencyLimit(t *testing.T) {
 	up := startFake(t, fakellm.Config{MaxConcurrent: 2, StreamChunks: 3, ChunkDelay: 20 * time.Millisecond})
 	h := newHarness(t)
-	h.loadHandler(`		user {http.request.header.X-User}
-		queue {
-			max_wait 20s
-		}
-		rule gpu {
-			limit 2 concurrent_requests
-		}`, up)
+	h.loadHandler(queueConfig("20s", "gpu", "2 concurrent_requests"), up)
 	for round := 0; round < 2; round++ {
 		rs := h.parallel(10, fmt.Sprint("u", round))
 		for i, r := range rs {
-			if r.err != nil || r.status != 200 {
-				t.Fatalf("round %d request %d: %v %v", round, i, r.err, r.response)
-			}
+			wantServed(t, fmt.Sprintf("round %d request %d", round, i), r)
 		}
 	}
 	if total, limited := up.Counts(); limited != 0 || total != 20 {
@@ -247,13 +238,7 @@ func TestQueueConcurrencyLimit(t *testing.T) {
 func TestQueueCancelGivesBackTheSlot(t *testing.T) {
 	up := startFake(t, fakellm.Config{})
 	h := newHarness(t)
-	h.loadHandler(`		user {http.request.header.X-User}
-		queue {
-			max_wait 10s
-		}
-		rule r {
-			limit 2 requests_per_second burst 1
-		}`, up)
+	h.loadHandler(queueConfig("10s", "r", "2 requests_per_second burst 1"), up)
 	wantStatus(t, "first", h.chat("gpt-4o", "X-User", "a"), 200)
 	start := time.Now()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -264,10 +249,7 @@ func TestQueueCancelGivesBackTheSlot(t *testing.T) {
 	if r := <-done; r.err == nil {
 		t.Fatalf("canceled request got %v", r.response)
 	}
-	r := h.send(context.Background(), "c")
-	if r.err != nil || r.status != 200 {
-		t.Fatalf("third: %v %v", r.err, r.response)
-	}
+	wantServed(t, "third", h.send(context.Background(), "c"))
 	// Its turn is the canceled one's: 500 ms after the first, not 1 s.
 	if el := time.Since(start); el > 800*time.Millisecond {
 		t.Errorf("third request served %s after the first, want about 500ms", el)
@@ -282,18 +264,9 @@ func TestQueueCancelGivesBackTheSlot(t *testing.T) {
 func TestQueueSlotReleasedOnDisconnect(t *testing.T) {
 	up := startFake(t, fakellm.Config{StreamChunks: 50, ChunkDelay: 50 * time.Millisecond})
 	h := newHarness(t)
-	h.loadHandler(`		user {http.request.header.X-User}
-		queue {
-			max_wait 10s
-		}
-		rule gpu {
-			limit 1 concurrent_requests
-		}`, up)
+	h.loadHandler(queueConfig("10s", "gpu", "1 concurrent_requests"), up)
 	ctx, cancel := context.WithCancel(context.Background())
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, h.base+"/v1/chat/completions",
-		strings.NewReader(`{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}`))
-	req.Header.Set("Content-Type", "application/json")
-	res, err := h.client.Do(req)
+	res, err := h.openStream(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -304,10 +277,7 @@ func TestQueueSlotReleasedOnDisconnect(t *testing.T) {
 	cancel()
 	res.Body.Close()
 	start := time.Now()
-	r := h.send(context.Background(), "next")
-	if r.err != nil || r.status != 200 {
-		t.Fatalf("after the disconnect: %v %v", r.err, r.response)
-	}
+	wantServed(t, "after the disconnect", h.send(context.Background(), "next"))
 	if el := time.Since(start); el > 2*time.Second {
 		t.Errorf("the slot came back after %s", el)
 	}
@@ -319,13 +289,7 @@ func TestQueueSurvivesReload(t *testing.T) {
 	up := startFake(t, fakellm.Config{})
 	h := newHarness(t)
 	cfg := func(extra string) string {
-		return h.site(`		user {http.request.header.X-User}
-		queue {
-			max_wait 20s
-		}
-		rule r {
-			limit 10 requests_per_second burst 1
-		}`+extra, hostPort(up))
+		return h.site(queueConfig("20s", "r", "10 requests_per_second burst 1")+extra, hostPort(up))
 	}
 	h.load(cfg(""))
 	const n = 12
@@ -340,9 +304,7 @@ func TestQueueSurvivesReload(t *testing.T) {
 	for i := 0; i < n; i++ {
 		select {
 		case r := <-results:
-			if r.err != nil || r.status != 200 {
-				t.Fatalf("request: %v %v", r.err, r.response)
-			}
+			wantServed(t, "request", r)
 		case <-time.After(15 * time.Second):
 			t.Fatal("a waiting request was never answered")
 		}

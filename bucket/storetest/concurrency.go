@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -400,32 +399,17 @@ func testConcRace(t *testing.T, s bucket.Store) {
 	const count = 50
 	l := concurrency(count)
 	other := bucket.Limit{Count: 1_000_000, Window: time.Minute}
-	var admitted atomic.Int64
+	admitted := raceReserve(t, s, 25, time.Minute, func(g int) []bucket.Charge {
+		return []bucket.Charge{charge(fmt.Sprintf("cr/own/%d", g), other, 1), charge("cr/shared", l, 1)}
+	}, func(d bucket.Decision) {
+		if d.Limiting != 1 {
+			t.Errorf("refused with limiting %d, want 1", d.Limiting)
+		}
+	})
+	if admitted != count {
+		t.Fatalf("admitted %d, want exactly %d", admitted, count)
+	}
 	var wg sync.WaitGroup
-	for g := 0; g < 8; g++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			st := make([]bucket.State, 2)
-			for i := 0; i < 25; i++ {
-				cs := []bucket.Charge{charge(fmt.Sprintf("cr/own/%d", g), other, 1), charge("cr/shared", l, 1)}
-				d, err := s.Reserve(context.Background(), epoch, cs, time.Minute, st)
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				if d.Allowed {
-					admitted.Add(1)
-				} else if d.Limiting != 1 {
-					t.Errorf("refused with limiting %d, want 1", d.Limiting)
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	if admitted.Load() != count {
-		t.Fatalf("admitted %d, want exactly %d", admitted.Load(), count)
-	}
 	for g := 0; g < count; g++ {
 		wg.Add(1)
 		go func() {

@@ -67,6 +67,35 @@ func adjust(t *testing.T, s bucket.Store, now time.Time, cs ...bucket.Charge) {
 	}
 }
 
+// raceReserve has 8 goroutines make n Reserve calls each at the epoch, with
+// maxWait and the charges cs returns for goroutine g, and returns how many
+// were admitted. refused, when not nil, is given every refusal.
+func raceReserve(t *testing.T, s bucket.Store, n int, maxWait time.Duration, cs func(g int) []bucket.Charge, refused func(bucket.Decision)) int64 {
+	var admitted atomic.Int64
+	var wg sync.WaitGroup
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st := make([]bucket.State, len(cs(g)))
+			for i := 0; i < n; i++ {
+				d, err := s.Reserve(context.Background(), epoch, cs(g), maxWait, st)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if d.Allowed {
+					admitted.Add(1)
+				} else if refused != nil {
+					refused(d)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return admitted.Load()
+}
+
 // testUnitsAndWindows checks, for every window and a spread of limits and
 // bursts, that exactly the capacity is admitted at once, that the next charge
 // is refused with the exact wait for one unit, and that one unit is admitted
@@ -308,29 +337,11 @@ func testStale(t *testing.T, newStore func(t *testing.T) bucket.Store) {
 func testConcurrent(t *testing.T, s bucket.Store) {
 	l := bucket.Limit{Count: 500, Window: time.Minute}
 	other := bucket.Limit{Count: 1_000_000, Window: time.Minute}
-	var admitted atomic.Int64
-	var wg sync.WaitGroup
-	for g := 0; g < 8; g++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			st := make([]bucket.State, 2)
-			for i := 0; i < 200; i++ {
-				cs := []bucket.Charge{charge("conc/shared", l, 1), charge(fmt.Sprintf("conc/own/%d", g), other, 1)}
-				d, err := s.Reserve(context.Background(), epoch, cs, 0, st)
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				if d.Allowed {
-					admitted.Add(1)
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	if admitted.Load() != 500 {
-		t.Fatalf("admitted %d, want exactly 500", admitted.Load())
+	admitted := raceReserve(t, s, 200, 0, func(g int) []bucket.Charge {
+		return []bucket.Charge{charge("conc/shared", l, 1), charge(fmt.Sprintf("conc/own/%d", g), other, 1)}
+	}, nil)
+	if admitted != 500 {
+		t.Fatalf("admitted %d, want exactly 500", admitted)
 	}
 }
 
