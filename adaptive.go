@@ -487,6 +487,7 @@ func (h *Handler) admitLearned(ctx context.Context, x *exchange, l *compiledLimi
 		return false
 	}
 	if l.limit.Concurrent() {
+		ch[0].Replay = !res.Fallback
 		x.extraSlots = append(x.extraSlots, ch[0])
 	}
 	return true

@@ -355,6 +355,8 @@ func (h *Handler) decide(ctx context.Context, now time.Time, x *exchange) (outco
 		if out.Allowed {
 			for i := range x.nEnforce {
 				x.charged[i] = true
+				// Their refunds are for the store that charged them.
+				x.charges[i].Replay = !res.Fallback
 			}
 		}
 		now = now.Add(res.Waited)
@@ -394,6 +396,7 @@ func (h *Handler) decide(ctx context.Context, now time.Time, x *exchange) (outco
 		}
 		for i := start; i < end; i++ {
 			x.charged[i] = d.Allowed
+			x.charges[i].Replay = !d.Fallback
 		}
 		start = end
 	}

@@ -133,6 +133,14 @@ type Failover struct {
 	// retryAt is when, in nanoseconds since start, the next probe may go.
 	retryAt atomic.Int64
 
+	// pending holds, by key, the Replay corrections the primary could not
+	// take (summed), for flush to apply once it answers again; npending is
+	// its size, read without the lock; flushing is set while a flush runs.
+	pendMu   sync.Mutex
+	pending  map[string]Charge
+	npending atomic.Int64
+	flushing atomic.Bool
+
 	// mu serializes the changes of state; notify makes the callbacks run in
 	// the order of the changes, one at a time.
 	mu      sync.Mutex
@@ -241,6 +249,7 @@ func (f *Failover) timedOut() error {
 
 // succeeded records a primary call's success; a probe's ends the outage.
 func (f *Failover) succeeded(probe bool) {
+	defer f.maybeFlush()
 	if !probe {
 		// Only the probe decides: a call that started before the outage and
 		// answered late says little about the primary now.
@@ -398,16 +407,19 @@ func (f *Failover) reserveFallback(ctx context.Context, now time.Time, charges [
 		if states != nil {
 			fullStates(charges, states)
 		}
-		return Decision{Allowed: true, Limiting: -1}, nil
+		return Decision{Allowed: true, Limiting: -1, Fallback: true}, nil
 	case FailLocal:
-		return f.local.Reserve(ctx, now, f.localCharges(charges), maxWait, states)
+		d, err := f.local.Reserve(ctx, now, f.localCharges(charges), maxWait, states)
+		d.Fallback = true
+		return d, err
 	}
-	return Decision{Limiting: -1}, err
+	return Decision{Limiting: -1, Fallback: true}, err
 }
 
-// Adjust implements Store. During an outage it applies the corrections to
-// the local store in FailLocal mode, and drops them otherwise (returning
-// nil: the outage has been reported once already).
+// Adjust implements Store. While the primary cannot take them, it keeps
+// the corrections marked Replay for the primary (see flush), applies the
+// others to the local store in FailLocal mode, and drops them otherwise
+// (returning nil: the outage has been reported once already).
 func (f *Failover) Adjust(ctx context.Context, now time.Time, charges []Charge) error {
 	if usePrimary, probe := f.route(); usePrimary {
 		var err error
@@ -427,10 +439,97 @@ func (f *Failover) Adjust(ctx context.Context, now time.Time, charges []Charge) 
 			return err
 		}
 	}
-	if f.mode == FailLocal {
-		return f.local.Adjust(ctx, now, f.localCharges(charges))
+	rest := f.keep(charges)
+	if f.mode == FailLocal && len(rest) > 0 {
+		return f.local.Adjust(ctx, now, f.localCharges(rest))
 	}
 	return nil
+}
+
+// MaxFailoverPending bounds the buckets whose Replay corrections a
+// Failover keeps during an outage; corrections of more buckets than that
+// are dropped.
+const MaxFailoverPending = 100000
+
+// keep stores the Replay refunds among charges for the primary, and
+// returns the other charges (charges itself when there is no Replay one).
+func (f *Failover) keep(charges []Charge) []Charge {
+	n := 0
+	for i := range charges {
+		if charges[i].Replay && charges[i].Cost < 0 {
+			n++
+		}
+	}
+	if n == 0 {
+		return charges
+	}
+	rest := make([]Charge, 0, len(charges)-n)
+	f.pendMu.Lock()
+	defer f.pendMu.Unlock()
+	if f.pending == nil {
+		f.pending = make(map[string]Charge)
+	}
+	for _, c := range charges {
+		if !c.Replay || c.Cost >= 0 {
+			rest = append(rest, c)
+			continue
+		}
+		if p, ok := f.pending[string(c.Key)]; ok {
+			p.Cost += c.Cost
+			p.Limit = c.Limit
+			f.pending[string(c.Key)] = p
+			continue
+		}
+		if len(f.pending) >= MaxFailoverPending {
+			continue
+		}
+		c.Key = append([]byte(nil), c.Key...) // the caller reuses its buffer
+		f.pending[string(c.Key)] = c
+	}
+	f.npending.Store(int64(len(f.pending)))
+	return rest
+}
+
+// flushBatch is how many kept corrections one flush call sends.
+const flushBatch = 128
+
+// maybeFlush starts a flush of the kept corrections, if there are any, the
+// primary is up and no flush runs.
+func (f *Failover) maybeFlush() {
+	if f.npending.Load() == 0 || f.down.Load() || !f.flushing.CompareAndSwap(false, true) {
+		return
+	}
+	go f.flush()
+}
+
+// flush applies the kept corrections to the primary, in batches, each
+// bounded by ten timeouts (at least a second). What the primary does not
+// take goes back to be kept; the next successful call tries again. A
+// correction whose first try timed out after the primary had applied it
+// is applied twice: a refund then gives back more than it took, which a
+// bucket absorbs by being full (or empty) the sooner.
+func (f *Failover) flush() {
+	defer f.flushing.Store(false)
+	f.pendMu.Lock()
+	all := make([]Charge, 0, len(f.pending))
+	for _, c := range f.pending {
+		all = append(all, c)
+	}
+	f.pending = nil
+	f.npending.Store(0)
+	f.pendMu.Unlock()
+	bound := max(10*f.timeout, time.Second)
+	for len(all) > 0 {
+		batch := all[:min(flushBatch, len(all))]
+		ctx, cancel := context.WithTimeout(context.Background(), bound)
+		err := f.primary.Adjust(ctx, time.Now(), batch)
+		cancel()
+		if err != nil {
+			f.keep(all)
+			return
+		}
+		all = all[len(batch):]
+	}
 }
 
 // Peek implements Store, with the fail mode's view during an outage: every

@@ -251,7 +251,7 @@ func (q *Queue) wait(ctx context.Context, w *waiter, r *Request) (Result, error)
 	}
 	if res.Outcome == Admitted && ctx.Err() != nil {
 		// Admitted as the caller left: give the charges back.
-		q.Release(r.Charges)
+		q.giveBack(r.Charges, !res.Decision.Fallback)
 		res.Outcome = Canceled
 	}
 	return res, w.err
@@ -287,10 +287,14 @@ func (q *Queue) withdraw(w *waiter, why Outcome) Result {
 // Release gives back the units of charges (a concurrency slot when the
 // response ends, or the whole admission of a request that was canceled)
 // and wakes the lanes of those buckets.
-func (q *Queue) Release(charges []Charge) error {
+func (q *Queue) Release(charges []Charge) error { return q.giveBack(charges, false) }
+
+// giveBack is Release, with the refunds marked Replay when the charges were
+// made by a Failover's primary.
+func (q *Queue) giveBack(charges []Charge, replay bool) error {
 	refund := make([]Charge, len(charges))
 	for i, c := range charges {
-		refund[i] = Charge{Key: c.Key, Limit: c.Limit, Cost: -c.Cost}
+		refund[i] = Charge{Key: c.Key, Limit: c.Limit, Cost: -c.Cost, Replay: replay}
 	}
 	return q.Give(refund)
 }

@@ -17,6 +17,12 @@ type Charge struct {
 	// Cost is how many units to charge. In Reserve it must be ≥ 0; in Adjust
 	// it is signed: positive charges more (debt allowed), negative refunds.
 	Cost int64
+	// Replay marks, in Adjust, a refund or release (negative Cost) of a
+	// charge that a Failover's primary made (its Decision had Fallback
+	// false). When the primary cannot take it now, the Failover keeps it and
+	// applies it once the primary answers again, so that an outage leaks
+	// no concurrency slot and no token refund there. Other stores ignore it.
+	Replay bool
 }
 
 // State is what a bucket looks like after a decision, for the headers.
@@ -40,6 +46,10 @@ type Decision struct {
 	// Limiting is the index of the charge that decided Delay (the bucket
 	// furthest from admitting the request), or -1 when no bucket had to wait.
 	Limiting int
+	// Fallback is set by a Failover whose fail mode decided, with its
+	// primary down: the charges were made in its local store (FailLocal) or
+	// nowhere (FailOpen). Their corrections must not be marked Replay.
+	Fallback bool
 }
 
 // Store keeps bucket states. Every method is safe for concurrent use.
