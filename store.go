@@ -1,6 +1,7 @@
 package llmratelimit
 
 import (
+	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -98,6 +99,10 @@ const (
 	defaultRedisDialTimeout = time.Second
 	defaultRedisFailMode    = "local"
 )
+
+// warmTimeout bounds the connection and script load a new Redis store
+// makes in the background.
+const warmTimeout = 5 * time.Second
 
 // failModes maps fail_mode's values to the store's modes.
 var failModes = map[string]bucket.FailMode{
@@ -244,7 +249,16 @@ func newRedisState(c RedisConfig, logger *zap.Logger) (*sharedState, error) {
 	log := func() *zap.Logger {
 		return s.logger.Load().With(zap.Strings("redis", c.Addresses), zap.String("fail_mode", c.FailMode))
 	}
-	store := bucket.NewFailover(bucket.NewRedisStore(client, bucket.RedisOptions{Prefix: c.KeyPrefix}), bucket.FailoverOptions{
+	redisStore := bucket.NewRedisStore(client, bucket.RedisOptions{Prefix: c.KeyPrefix})
+	// Connect and load the script now, in the background, bounded: a Redis
+	// that is down at start is the fail mode's business on the first
+	// requests, not a reason to hold the configuration back.
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), warmTimeout)
+		defer cancel()
+		redisStore.Warm(ctx)
+	}()
+	store := bucket.NewFailover(redisStore, bucket.FailoverOptions{
 		Mode:      failModes[c.FailMode],
 		Timeout:   time.Duration(c.Timeout),
 		Local:     local,

@@ -153,6 +153,16 @@ func NewRedisStore(client redis.UniversalClient, opts RedisOptions) *RedisStore 
 	return &RedisStore{client: client, prefix: "{" + opts.Prefix + "}", callerTime: opts.CallerTime}
 }
 
+// Warm opens a connection and loads the script, so that the first
+// requests do not pay for a dial, a TLS handshake and a script load within
+// their timeout.
+func (s *RedisStore) Warm(ctx context.Context) error {
+	if err := s.client.Ping(ctx).Err(); err != nil {
+		return err
+	}
+	return redisScript.Load(ctx, s.client).Err()
+}
+
 // redisCall is one script run's keys and arguments, and what Go keeps of
 // each charge to read the reply.
 type redisCall struct {

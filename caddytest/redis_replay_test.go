@@ -56,3 +56,39 @@ func TestRedisOutageReleasesSlots(t *testing.T) {
 		t.Fatalf("no request admitted after Redis came back (last: %v): the slot leaked", last)
 	}
 }
+
+// TestRedisTLS: the store reaches a Redis that speaks only TLS, trusting
+// the authority in ca_file, and a server name it does not match is
+// refused (fail_mode closed answers 503).
+func TestRedisTLS(t *testing.T) {
+	rs, caFile := redistest.StartTLS(t)
+	up := startFake(t, fakellm.Config{})
+	h := newHarness(t)
+	load := func(serverName string) {
+		h.load(h.site(fmt.Sprintf(`		store redis {
+			address %s
+			key_prefix tls
+			# A first TLS handshake under the race detector takes longer
+			# than the default 50 ms.
+			timeout 2s
+			fail_mode closed
+			tls {
+				ca_file %s
+				server_name %s
+			}
+		}
+		rule r {
+			limit 2 requests_per_minute
+		}`, rs.Addr(), caFile, serverName), hostPort(up)))
+	}
+	load("localhost")
+	wantStatus(t, "first", h.chat("gpt-4o"), http.StatusOK)
+	wantStatus(t, "second", h.chat("gpt-4o"), http.StatusOK)
+	wantStatus(t, "third", h.chat("gpt-4o"), http.StatusTooManyRequests)
+	keys, err := rs.Client(t).Keys(context.Background(), "{tls}*").Result()
+	if err != nil || len(keys) == 0 {
+		t.Fatalf("no bucket under {tls} in Redis (%v)", err)
+	}
+	load("not-the-server")
+	wantStatus(t, "wrong server name", h.chat("gpt-4o"), http.StatusServiceUnavailable)
+}
