@@ -3,8 +3,10 @@ package bucket
 import (
 	"context"
 	_ "embed"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -177,9 +179,13 @@ type redisCall struct {
 func (s *RedisStore) build(op string, now time.Time, charges []Charge, maxWait time.Duration) redisCall {
 	c := redisCall{
 		keys: make([]string, len(charges)),
-		args: make([]any, 0, 6+4*len(charges)),
+		args: make([]any, 0, 7),
 		tols: make([]int64, len(charges)),
 	}
+	// The per-key numbers travel as doubles, exact below 2⁵³: counts are at
+	// most 10¹², windows a day in ns, spans and tolerances redisMaxSpan.
+	packed := make([]byte, 0, 32*len(charges))
+	put := func(v int64) { packed = binary.LittleEndian.AppendUint64(packed, math.Float64bits(float64(v))) }
 	c.args = append(c.args, op)
 	if s.callerTime {
 		c.args = append(c.args, now.Unix(), now.Nanosecond())
@@ -187,9 +193,24 @@ func (s *RedisStore) build(op string, now time.Time, charges []Charge, maxWait t
 		c.args = append(c.args, "", 0)
 	}
 	c.args = append(c.args, clampSpan(int64(maxWait)), redisArgSlack, redisArgConcTTL)
+	// Every key is cut from one string: one allocation for all of them.
+	size := 0
+	for i := range charges {
+		size += len(s.prefix) + len(charges[i].Key)
+	}
+	var sb strings.Builder
+	sb.Grow(size)
+	for i := range charges {
+		sb.WriteString(s.prefix)
+		sb.Write(charges[i].Key)
+	}
+	all := sb.String()
+	for i, at := range charges {
+		n := len(s.prefix) + len(at.Key)
+		c.keys[i], all = all[:n], all[n:]
+	}
 	for i := range charges {
 		ch := &charges[i]
-		c.keys[i] = s.prefix + string(ch.Key)
 		l := ch.Limit
 		var x, tol int64
 		switch {
@@ -206,8 +227,12 @@ func (s *RedisStore) build(op string, now time.Time, charges []Charge, maxWait t
 			tol = min(l.tolerance(), redisMaxSpan)
 		}
 		c.tols[i] = tol
-		c.args = append(c.args, l.Count, int64(l.Window), x, tol)
+		put(l.Count)
+		put(int64(l.Window))
+		put(x)
+		put(tol)
 	}
+	c.args = append(c.args, packed)
 	return c
 }
 

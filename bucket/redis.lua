@@ -18,7 +18,10 @@
 -- ARGV[4]  reserve only: the longest wait admitted, in ns
 -- ARGV[5]  slack added to a rate bucket's expiry, in ms
 -- ARGV[6]  a concurrency bucket's expiry, in ms
--- then four per key: count, window (ns; 0 for a concurrency limit), x, tol
+-- ARGV[7]  four little-endian doubles per key (struct.pack '<dddd', 32
+--          bytes a key, in KEYS order): count, window (ns; 0 for a
+--          concurrency limit), x, tol. One packed argument rather than four
+--          a key spares the server an argument object and a tonumber each.
 --   x: a rate charge's span in ns (signed in adjust), or a concurrency
 --      charge's cost in units;
 --   tol: a rate bucket's tolerance in ns.
@@ -38,10 +41,13 @@
 -- the call's time, or the units held by concurrency bucket i.
 
 local MAXB = 4503599627370496 -- 2^52: redisMaxSpan in redis.go
-local FIRST = 7               -- ARGV index of the first per-key argument
+local PACKED = ARGV[7]         -- the per-key arguments, packed
 
 local op = ARGV[1]
 local n = #KEYS
+if #PACKED ~= 32 * n then
+  return redis.error_reply('ERR llm_rate_limit: ' .. #PACKED .. ' bytes of arguments for ' .. n .. ' keys')
+end
 
 local now_s, now_ns
 if ARGV[2] == '' then
@@ -173,10 +179,9 @@ for i = 1, n do
   end
   slotOf[i] = sl
 
-  local a = FIRST + (i - 1) * 4
-  local c, w = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local c, w, x, tol = struct.unpack('<dddd', PACKED, (i - 1) * 32 + 1)
   count[i], window[i] = c, w
-  xs[i], tols[i] = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  xs[i], tols[i] = x, tol
   -- Bring the level under the charge's limit (MemoryStore's load).
   if not sl.c then
     -- No bucket yet: one written by this call is under this limit.
