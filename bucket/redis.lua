@@ -36,12 +36,20 @@
 -- units held (> 0); count and window are the limit the level was computed
 -- under. A full rate bucket or an empty concurrency bucket is not stored.
 --
+-- The script runs on every admission, so it is written for the server's
+-- time: one MGET and one SET or DEL per changed bucket are the only calls
+-- besides TIME; per-call tables are few (every table is garbage the
+-- server's Lua collector must sweep), and the exact big-integer helpers are
+-- only built when a limit changed.
+--
 -- Reply: {allowed (1/0), wait (ns), limiting (0-based, or -1), v1 .. vn},
 -- where vi is, after the call, the backlog in ns of rate bucket i relative to
 -- the call's time, or the units held by concurrency bucket i.
 
 local MAXB = 4503599627370496 -- 2^52: redisMaxSpan in redis.go
-local PACKED = ARGV[7]         -- the per-key arguments, packed
+local KEYS, ARGV = KEYS, ARGV
+local sunpack, spack = struct.unpack, struct.pack
+local PACKED = ARGV[7] -- the per-key arguments, packed
 
 local op = ARGV[1]
 local n = #KEYS
@@ -52,9 +60,10 @@ end
 local now_s, now_ns
 if ARGV[2] == '' then
   -- Scripts that read the clock and then write must be replicated by their
-  -- effects. That is the only mode from Redis 7 on (where this call is a
-  -- deprecated no-op) and the default from 5 on; 3.2 to 4 need the call.
-  if redis.replicate_commands then redis.replicate_commands() end
+  -- effects. That is the only mode from Redis 7 on (which has
+  -- REDIS_VERSION_NUM, and where the call is a deprecated no-op) and the
+  -- default from 5 on; 3.2 to 4 need the call.
+  if not redis.REDIS_VERSION_NUM and redis.replicate_commands then redis.replicate_commands() end
   local t = redis.call('TIME')
   now_s, now_ns = tonumber(t[1]), tonumber(t[2]) * 1000
 else
@@ -62,85 +71,82 @@ else
 end
 local maxwait = tonumber(ARGV[4])
 local slack_ms = tonumber(ARGV[5])
-local conc_ttl = ARGV[6]
+local conc_ttl = tonumber(ARGV[6])
 
 -- Load every bucket first: the call's time is the latest of now and every
 -- bucket's last write, so that a stale timestamp (or a server clock that
 -- stepped back, say after a failover to a replica) sees the buckets as they
 -- are at the latest known instant, never as they were earlier.
-local rec = {}
+--
 -- One MGET for every key: each redis.call costs a few microseconds of the
--- server's time, more than the arithmetic below.
+-- server's time, more than the arithmetic below. rec holds five numbers a
+-- key, in one flat table: seen_s, seen_ns, level, count, window; a key
+-- without a valid bucket has rec[5*i-4] == nil.
 local vals = redis.call('MGET', unpack(KEYS))
+local rec = {}
 for i = 1, n do
   local v = vals[i]
-  if v then
-    -- A value that is not a packed bucket (another length, or numbers out
-    -- of their ranges; NaN fails every comparison) is not ours: treated as
-    -- absent, and overwritten if the call writes the bucket.
-    local s, ns, x, c, w
-    if #v == 40 then
-      s, ns, x, c, w = struct.unpack('<ddddd', v)
-    end
-    if s and ns >= 0 and ns < 1e9 and x >= 0 and x <= MAXB and c >= 1 and w >= 0 and s == math.floor(s) then
-      local r = { s, ns, x, c, w }
-      rec[i] = r
-      if r[1] > now_s or (r[1] == now_s and r[2] > now_ns) then
-        now_s, now_ns = r[1], r[2]
+  -- A value that is not a packed bucket (another length, or numbers out of
+  -- their ranges; NaN fails every comparison) is not ours: treated as
+  -- absent, and overwritten if the call writes the bucket.
+  if v and #v == 40 then
+    local s, ns, x, c, w = sunpack('<ddddd', v)
+    if ns >= 0 and ns < 1e9 and x >= 0 and x <= MAXB and c >= 1 and w >= 0 and s == math.floor(s) then
+      local k = 5 * i
+      rec[k - 4], rec[k - 3], rec[k - 2], rec[k - 1], rec[k] = s, ns, x, c, w
+      if s > now_s or (s == now_s and ns > now_ns) then
+        now_s, now_ns = s, ns
       end
     end
   end
-end
-
--- Exact non-negative integers of any size, as little-endian arrays of 24-bit
--- limbs: a limb product is below 2^48, so a product row with its carry stays
--- exact in a double.
-local BASE = 16777216
-
-local function big(v)
-  local r, k = {}, 1
-  repeat
-    local lo = v % BASE
-    r[k] = lo
-    v = (v - lo) / BASE
-    k = k + 1
-  until v == 0
-  return r
-end
-
-local function mul(a, b)
-  local r = {}
-  for k = 1, #a + #b do r[k] = 0 end
-  for i = 1, #a do
-    local carry = 0
-    for j = 1, #b do
-      local t = r[i + j - 1] + a[i] * b[j] + carry
-      local lo = t % BASE
-      r[i + j - 1] = lo
-      carry = (t - lo) / BASE
-    end
-    r[i + #b] = carry
-  end
-  return r
-end
-
-local function cmp(a, b)
-  for k = math.max(#a, #b), 1, -1 do
-    local x, y = a[k] or 0, b[k] or 0
-    if x ~= y then
-      if x < y then return -1 end
-      return 1
-    end
-  end
-  return 0
 end
 
 -- rescale converts a backlog of b ns at count co per window wo to the same
 -- units at cn per wn: ceil(b*co*wn / (wo*cn)), capped at MAXB, exactly as
 -- rescale in limit.go. A double estimate is within a few ns of the answer;
 -- the exact comparisons then step to the smallest x with x*wo*cn >= b*co*wn.
--- It runs once per bucket per limit change, so its cost does not matter.
+-- It runs once per bucket per limit change, so its cost does not matter,
+-- and it is built only then.
 local function rescale(b, co, wo, cn, wn)
+  -- Exact non-negative integers of any size, as little-endian arrays of
+  -- 24-bit limbs: a limb product is below 2^48, so a product row with its
+  -- carry stays exact in a double.
+  local BASE = 16777216
+  local function big(v)
+    local r, k = {}, 1
+    repeat
+      local lo = v % BASE
+      r[k] = lo
+      v = (v - lo) / BASE
+      k = k + 1
+    until v == 0
+    return r
+  end
+  local function mul(a, c)
+    local r = {}
+    for k = 1, #a + #c do r[k] = 0 end
+    for i = 1, #a do
+      local carry = 0
+      for j = 1, #c do
+        local t = r[i + j - 1] + a[i] * c[j] + carry
+        local lo = t % BASE
+        r[i + j - 1] = lo
+        carry = (t - lo) / BASE
+      end
+      r[i + #c] = carry
+    end
+    return r
+  end
+  local function cmp(a, c)
+    for k = math.max(#a, #c), 1, -1 do
+      local x, y = a[k] or 0, c[k] or 0
+      if x ~= y then
+        if x < y then return -1 end
+        return 1
+      end
+    end
+    return 0
+  end
   local num = mul(mul(big(b), big(co)), big(wn))
   local den = mul(big(wo), big(cn))
   local x = math.ceil(b / wo * co / cn * wn)
@@ -154,81 +160,90 @@ end
 -- Each bucket's level at the call's time. The keys of one call should be
 -- distinct, but a key given twice is one bucket, as in MemoryStore: a slot
 -- per distinct key holds its level (v) and the limit it is under (c, w),
--- and every charge on the key works on that slot.
-local slots, byKey = {}, {}
-local slotOf, count, window, xs, tols = {}, {}, {}, {}, {}
+-- and every charge on the key works on that slot. A slot is the index of
+-- the key's first charge; sv, sc, sw, dirty are indexed by it.
+--
+-- args holds four numbers a charge, in one flat table: count, window, x, tol.
+local args = {}
+local slot, sv, sc, sw, dirty = {}, {}, {}, {}, {}
 for i = 1, n do
-  local sl = byKey[KEYS[i]]
-  if not sl then
-    sl = { key = KEYS[i], v = 0, stored = rec[i] ~= nil }
-    local r = rec[i]
-    if r and r[5] == 0 then
-      sl.v, sl.c, sl.w = r[3], r[4], 0
-    elseif r then
+  local key = KEYS[i]
+  local sl = i
+  for j = 1, i - 1 do
+    if KEYS[j] == key then sl = slot[j]; break end
+  end
+  slot[i] = sl
+  if sl == i then
+    local k = 5 * i
+    local s = rec[k - 4]
+    local v = 0
+    if s and rec[k] == 0 then
+      v, sc[i], sw[i] = rec[k - 2], rec[k - 1], 0
+    elseif s then
       -- The backlog drains with time. Past 4.6e6 s (more than MAXB ns) any
       -- backlog has drained, and below it ds * 1e9 is exact.
-      local ds = now_s - r[1]
+      local ds = now_s - s
       if ds < 4600000 then
-        sl.v = r[3] - (ds * 1e9 + (now_ns - r[2]))
-        if sl.v < 0 then sl.v = 0 end
+        v = rec[k - 2] - (ds * 1e9 + (now_ns - rec[k - 3]))
+        if v < 0 then v = 0 end
       end
-      sl.c, sl.w = r[4], r[5]
+      sc[i], sw[i] = rec[k - 1], rec[k]
     end
-    byKey[KEYS[i]] = sl
-    slots[#slots + 1] = sl
+    sv[i] = v
   end
-  slotOf[i] = sl
 
-  local c, w, x, tol = struct.unpack('<dddd', PACKED, (i - 1) * 32 + 1)
-  count[i], window[i] = c, w
-  xs[i], tols[i] = x, tol
+  local c, w, x, tol = sunpack('<dddd', PACKED, i * 32 - 31)
+  local a = 4 * i
+  args[a - 3], args[a - 2], args[a - 1], args[a] = c, w, x, tol
   -- Bring the level under the charge's limit (MemoryStore's load).
-  if not sl.c then
+  local oc, ow = sc[sl], sw[sl]
+  if not oc then
     -- No bucket yet: one written by this call is under this limit.
-    sl.c, sl.w = c, w
-  elseif (sl.w == 0) ~= (w == 0) then
+    sc[sl], sw[sl] = c, w
+  elseif (ow == 0) ~= (w == 0) then
     -- Last used under the other kind of limit, whose level means nothing
     -- to this one: the bucket starts empty (a rate bucket full, a
     -- concurrency bucket holding nothing).
-    sl.v, sl.c, sl.w, sl.dirty = 0, c, w, true
+    sv[sl], sc[sl], sw[sl], dirty[sl] = 0, c, w, true
   elseif w == 0 then
     -- What is held stays held, whatever the new count says.
-    sl.c = c
-  elseif sl.c ~= c or sl.w ~= w then
-    if sl.v > 0 then sl.v = rescale(sl.v, sl.c, sl.w, c, w) end
-    sl.c, sl.w, sl.dirty = c, w, true
+    sc[sl] = c
+  elseif oc ~= c or ow ~= w then
+    if sv[sl] > 0 then sv[sl] = rescale(sv[sl], oc, ow, c, w) end
+    sc[sl], sw[sl], dirty[sl] = c, w, true
   end
 end
 
 -- charge applies charge i's x to its slot: debts saturate at MAXB; a refund
 -- cannot fill a rate bucket beyond full nor give a concurrency bucket credit.
 local function charge(i)
-  local x = xs[i]
+  local x = args[4 * i - 1]
   if x ~= 0 then
-    local sl = slotOf[i]
-    local v = sl.v + x
+    local sl = slot[i]
+    local v = sv[sl] + x
     if v < 0 then v = 0 end
     if v > MAXB then v = MAXB end
-    sl.v, sl.dirty = v, true
+    sv[sl], dirty[sl] = v, true
   end
 end
 
--- out[i] is the level of charge i's bucket once the charge is applied (or
--- not): what its state is reported from.
+-- res[3 + i] is the level of charge i's bucket once the charge is applied
+-- (or not): what its state is reported from.
 local allowed, wait, limiting = 1, 0, -1
-local out = {}
+local res = { 0, 0, 0 }
 if op == 'r' then
   -- The decision of MemoryStore.Reserve: every rate bucket's wait for its
   -- charge to conform, the request waiting for the slowest; a concurrency
   -- bucket without room refuses whatever maxWait says.
   local full = -1
   for i = 1, n do
-    local x, v = xs[i], slotOf[i].v
-    if window[i] == 0 then
-      if full < 0 and x > 0 and v > 0 and v + x > count[i] then full = i - 1 end
+    local a = 4 * i
+    local x, v = args[a - 1], sv[slot[i]]
+    if args[a - 2] == 0 then
+      if full < 0 and x > 0 and v > 0 and v + x > args[a - 3] then full = i - 1 end
     elseif x > 0 then
       -- A charge larger than the capacity conforms once the bucket is full.
-      local tol = tols[i]
+      local tol = args[a]
       if x > tol then x = tol end
       local w = v - tol + x
       if w > wait then wait, limiting = w, i - 1 end
@@ -238,37 +253,34 @@ if op == 'r' then
   if full >= 0 then limiting = full end
   for i = 1, n do
     if allowed == 1 then charge(i) end
-    out[i] = slotOf[i].v
+    res[3 + i] = sv[slot[i]]
   end
 else
   -- Adjust applies signed corrections without any check; Peek changes
   -- nothing.
   for i = 1, n do
     if op == 'a' then charge(i) end
-    out[i] = slotOf[i].v
+    res[3 + i] = sv[slot[i]]
   end
 end
 
--- Write what changed. Numbers are formatted with '%.0f', which prints an
--- integral double exactly (Lua's default conversion keeps 14 digits).
-for _, sl in ipairs(slots) do
-  if sl.dirty then
-    local v = sl.v
+-- Write what changed. A number argument reaches Redis as its shortest exact
+-- text, so a TTL (whole milliseconds, far below 2^53) needs no formatting.
+for i = 1, n do
+  if slot[i] == i and dirty[i] then
+    local v = sv[i]
     if v > 0 then
       -- A rate bucket expires when it would be full again, plus the slack;
       -- a concurrency bucket after a fixed time, refreshed by every write.
       local ttl = conc_ttl
-      if sl.w ~= 0 then ttl = string.format('%.0f', math.ceil(v / 1e6) + slack_ms) end
-      redis.call('SET', sl.key,
-        struct.pack('<ddddd', now_s, now_ns, v, sl.c, sl.w),
-        'PX', ttl)
-    elseif sl.stored then
+      if sw[i] ~= 0 then ttl = math.ceil(v / 1e6) + slack_ms end
+      redis.call('SET', KEYS[i], spack('<ddddd', now_s, now_ns, v, sc[i], sw[i]), 'PX', ttl)
+    elseif rec[5 * i] then
       -- Full, or holding nothing: the same as no bucket at all.
-      redis.call('DEL', sl.key)
+      redis.call('DEL', KEYS[i])
     end
   end
 end
 
-local res = { allowed, wait, limiting }
-for i = 1, n do res[3 + i] = out[i] end
+res[1], res[2], res[3] = allowed, wait, limiting
 return res

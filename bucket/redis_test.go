@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -626,6 +627,9 @@ func BenchmarkRedisReserve(b *testing.B) {
 		b.Fatal(err)
 	}
 	h.reset()
+	if err := c.ConfigResetStat(ctx).Err(); err != nil {
+		b.Fatal(err)
+	}
 	b.ReportAllocs()
 	b.ResetTimer()
 	for b.Loop() {
@@ -634,6 +638,22 @@ func BenchmarkRedisReserve(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(h.roundTrips())/float64(b.N), "roundtrips/op")
+	b.ReportMetric(scriptMicros(b, c), "server-µs/op")
+}
+
+// scriptMicros is the server's own time per script call, from INFO
+// commandstats: what a decision costs Redis, apart from the network.
+func scriptMicros(b *testing.B, c *redis.Client) float64 {
+	info, err := c.Info(context.Background(), "commandstats").Result()
+	if err != nil {
+		b.Fatal(err)
+	}
+	m := regexp.MustCompile(`cmdstat_evalsha:calls=\d+,usec=\d+,usec_per_call=([0-9.]+)`).FindStringSubmatch(info)
+	if m == nil {
+		b.Fatalf("no evalsha in INFO commandstats:\n%s", info)
+	}
+	v, _ := strconv.ParseFloat(m[1], 64)
+	return v
 }
 
 // BenchmarkRedisReserveParallel is BenchmarkRedisReserve from many
