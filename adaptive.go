@@ -181,7 +181,7 @@ func (l *learned) publish(lim adaptive.Limits) {
 			return nil
 		}
 		return &compiledLimit{unit: unit, quantity: q, limit: bl, policy: `"adaptive/` + unit + `"`, windowSeconds: window,
-			keyPrefix: []byte(l.prefix + unit + string(keySep))}
+			keyPrefix: []byte(l.prefix + unit + string(keySep)), counters: metrics.limitCounters("adaptive", unit)}
 	}
 	if r := lim.Requests; r.Count > 0 {
 		p.requests = mk("requests_per_minute", quantityRequests, bucket.Limit{Count: r.Count, Window: r.Window, Burst: r.Burst}, int64(r.Window/time.Second))
@@ -230,6 +230,9 @@ func (x *exchange) learnedCharge(unit string) int {
 func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handler, x *exchange) error {
 	if x.learned == nil || r.Header.Get("Upgrade") != "" || r.Method == http.MethodConnect {
 		// A tunnel (WebSocket, CONNECT) is not a request to retry.
+		if x.vars != nil {
+			x.vars.attempts = 1
+		}
 		return next.ServeHTTP(w, r)
 	}
 	// Only a body the module holds can be sent again: other requests (an
@@ -237,6 +240,9 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 	replayable := x.body != nil || r.Body == nil || r.Body == http.NoBody
 	deadline := x.arrived.Add(h.adaptive.policy.MaxWait)
 	for attempt := 1; ; attempt++ {
+		if x.vars != nil {
+			x.vars.attempts = attempt
+		}
 		if h.adaptive.header != "" {
 			w.Header().Set(h.adaptive.header, strconv.Itoa(attempt))
 		}
@@ -284,9 +290,11 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 		}
 		if aw.committed {
 			// The response went (or is going) to the client as it is.
+			metrics.observeAttempt(x.id.model, aw.status, false)
 			return err
 		}
 		if !v.Retry || last || r.Context().Err() != nil {
+			metrics.observeAttempt(x.id.model, aw.status, false)
 			return aw.giveUp(err, v.Wait)
 		}
 		if v.Wait <= 0 {
@@ -294,9 +302,13 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 		}
 		wait := jitter(v.Wait, v.Explicit)
 		if !now.Add(wait).Before(deadline) && (v.Explicit || obs.Status != http.StatusServiceUnavailable) {
+			metrics.observeAttempt(x.id.model, aw.status, false)
 			return aw.giveUp(err, v.Wait)
 		}
-		if ok := h.waitToRetry(r.Context(), x, obs.Status, wait, v.Explicit, deadline); !ok {
+		ok := h.waitToRetry(r.Context(), x, obs.Status, wait, v.Explicit, deadline)
+		// Absorbed only if the request is really sent again.
+		metrics.observeAttempt(x.id.model, aw.status, ok)
+		if !ok {
 			return aw.giveUp(err, v.Wait)
 		}
 	}

@@ -123,7 +123,6 @@ type Handler struct {
 	tokens   tokenSettings
 	queue    queueSettings
 	adaptive adaptiveSettings
-	metrics  *metrics
 	// state is kept after Cleanup: Caddy cleans up an old configuration
 	// while its last requests may still be in flight, and they must still
 	// find a store.
@@ -187,9 +186,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.tokens, err = h.Tokens.compile(); err != nil {
 		return err
 	}
-	if h.metrics, err = newMetrics(ctx.GetMetricsRegistry()); err != nil {
+	if err = metrics.register(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
+	metrics.pinModels(h.rules)
 	h.state, h.stateKey, err = acquireState(h.Store, h.logger)
 	if err != nil {
 		return err
@@ -256,6 +256,9 @@ type exchange struct {
 	promptEst, completionEst int64
 	// adjust is scratch space for settlement.
 	adjust []bucket.Charge
+	// vars are the request's placeholders' values; nil when the request
+	// has no replacer.
+	vars *decisionVars
 	// body is the request body the module read. It is not pooled: the
 	// request keeps it after the handler returns, when handle_errors routes
 	// may still send it on (to a fallback upstream, say).
@@ -283,12 +286,12 @@ func getExchange() *exchange {
 	x.weight, x.priority = 1, 0
 	x.nEnforce, x.tokenCharges, x.concurrent = 0, 0, 0
 	x.est, x.promptEst, x.completionEst = tokens.Estimator{}, 0, 0
-	x.body = nil
+	x.body, x.vars = nil, nil
 	return x
 }
 
 func putExchange(x *exchange) {
-	x.body = nil
+	x.body, x.vars = nil, nil
 	exchangePool.Put(x)
 }
 
@@ -474,6 +477,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		learn = h.matchLearned
 	}
 	x.match(h.rules, learn)
+	x.vars = attachVars(r, x)
 	if len(x.charges) == 0 && x.learned == nil {
 		return next.ServeHTTP(w, r)
 	}
@@ -493,11 +497,19 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	x.arrived = now
 	out, err := h.decide(r.Context(), now, x)
 	if err != nil {
+		metrics.storeError("admit")
 		return h.storeFailed(w, r, dialect, err, next)
 	}
+	if out.Fallback {
+		metrics.storeFallbacks.Inc()
+	}
+	metrics.observeDecision(x, &out)
+	x.vars.decided(x, &out)
 	if out.shadowRefused >= 0 {
 		a := x.applied[out.shadowRefused]
-		h.logger.Info("shadow rule would refuse the request",
+		// Per request, so not at INFO: the decisions_total metric's
+		// shadow_refused outcome counts these.
+		h.logger.Debug("shadow rule would refuse the request",
 			zap.String("rule", a.rule.id), zap.String("unit", a.limit.unit),
 			zap.String("model", x.id.model), zap.Duration("retry_after", out.Delay))
 	}
@@ -682,6 +694,7 @@ func (h *Handler) releaseSlots(x *exchange) {
 		return
 	}
 	if err := h.state.queue.Give(refunds); err != nil {
+		metrics.storeError("release")
 		h.logger.Error("releasing concurrency slots", zap.Error(err))
 	}
 }

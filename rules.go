@@ -175,6 +175,8 @@ type compiledLimit struct {
 	hidden bool
 	// window in seconds, for RateLimit-Policy's w parameter.
 	windowSeconds int64
+	// counters are the limit's decisions_total counters.
+	counters *limitCounters
 }
 
 // compiledRule is a Rule ready for the hot path.
@@ -315,6 +317,7 @@ func compileRule(zone string, r Rule) (compiledRule, error) {
 			keyPrefix:     []byte(cr.prefix + l.Unit + string(keySep)),
 			policy:        `"` + r.ID + "/" + l.Unit + `"`,
 			windowSeconds: int64(u.window / time.Second),
+			counters:      metrics.limitCounters(r.ID, l.Unit),
 		})
 	}
 	return cr, nil

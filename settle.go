@@ -2,13 +2,11 @@ package llmratelimit
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/http"
 	"strings"
 	"sync"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/llmratelimit/caddy-llm-ratelimit/tokens"
@@ -213,8 +211,12 @@ func (h *Handler) settle(x *exchange, u *usageWatcher, wrote bool, nextErr error
 			real = x.promptEst + text
 		}
 	}
+	metrics.observeTokens(x.id.model, estimate, real)
+	if x.vars != nil {
+		x.vars.used = real
+	}
 	if reported && estimate > 0 {
-		h.metrics.observeEstimate(x.req.Dialect, float64(real)/float64(estimate))
+		metrics.observeEstimate(x.req.Dialect, float64(real)/float64(estimate))
 	}
 	// Each bucket is corrected by what it was charged: a bucket smaller
 	// than the estimate was charged only its capacity.
@@ -233,6 +235,7 @@ func (h *Handler) settle(x *exchange, u *usageWatcher, wrote bool, nextErr error
 	// The request's own context may be cancelled (the client left); the
 	// correction must still be made.
 	if err := h.state.store.Adjust(context.Background(), h.now(), adj); err != nil {
+		metrics.storeError("settle")
 		h.logger.Error("settling token usage", zap.Error(err))
 	}
 	// A refund frees capacity earlier than the queue planned for: let the
@@ -240,39 +243,3 @@ func (h *Handler) settle(x *exchange, u *usageWatcher, wrote bool, nextErr error
 	h.state.queue.Wake(adj)
 }
 
-// metrics are the module's Prometheus collectors, registered on the Caddy
-// configuration's registry.
-type metrics struct {
-	estimateRatio *prometheus.HistogramVec
-}
-
-func newMetrics(reg *prometheus.Registry) (*metrics, error) {
-	m := &metrics{
-		estimateRatio: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Namespace: "caddy",
-			Subsystem: "llm_rate_limit",
-			Name:      "token_estimate_ratio",
-			Help:      "Real token usage divided by the admission estimate, per settled request that reported usage.",
-			Buckets:   []float64{0.1, 0.25, 0.5, 0.75, 0.9, 1, 1.1, 1.25, 1.5, 2, 3, 4, 8},
-		}, []string{"dialect"}),
-	}
-	if reg == nil {
-		return m, nil
-	}
-	if err := reg.Register(m.estimateRatio); err != nil {
-		// Several handlers in one configuration share the collector.
-		var are prometheus.AlreadyRegisteredError
-		if !errors.As(err, &are) {
-			return nil, err
-		}
-		m.estimateRatio = are.ExistingCollector.(*prometheus.HistogramVec)
-	}
-	return m, nil
-}
-
-func (m *metrics) observeEstimate(d tokens.Dialect, ratio float64) {
-	if m == nil {
-		return
-	}
-	m.estimateRatio.WithLabelValues(d.String()).Observe(ratio)
-}
