@@ -153,7 +153,7 @@ func parseRulesFile(path string, data []byte, existing []Rule) (*rulesFile, erro
 	if v, err := p.str(t.value, "type"); err != nil {
 		return nil, err
 	} else if v != rulesFileType {
-		return nil, p.errf(t.value, "type %q: want %s", v, rulesFileType)
+		return nil, p.errf(deref(t.value), "type %q: want %s", v, rulesFileType)
 	}
 	if err := p.known(keys, "name", "type", "rules"); err != nil {
 		return nil, err
