@@ -44,6 +44,7 @@ var shorthands = map[string]string{
 //		metadata_header <header-name>     # a JSON object of string values
 //
 //		max_body  <size>                  # default 16MiB; larger bodies get 413
+//		rules_file <path>                 # seed 003's YAML rules, read at provisioning; after the rules below
 //
 //		# token accounting for tokens_per_* limits (all optional)
 //		tokens {
@@ -144,7 +145,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	for d.NextBlock(0) {
 		name := d.Val()
 		switch name {
-		case "user", "team", "virtualaccount", "metadata_header", "zone":
+		case "user", "team", "virtualaccount", "metadata_header", "zone", "rules_file":
 			if err := once(name); err != nil {
 				return err
 			}
@@ -163,6 +164,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.MetadataHeader = v
 			case "zone":
 				h.Zone = v
+			case "rules_file":
+				h.RulesFile = v
 			}
 		case "max_body":
 			if err := once(name); err != nil {

@@ -76,6 +76,15 @@ type Handler struct {
 	// take it.
 	Rules []Rule `json:"rules,omitempty"`
 
+	// RulesFile is the path of a YAML file in seed 003's own format (type:
+	// gateway-rate-limiting-config), whose rules are added after Rules.
+	// Rule ids must be unique across both. A relative path is relative to
+	// Caddy's working directory, and placeholders such as {env.RULES_DIR}
+	// are resolved. The file is read at provisioning: a reload reads it
+	// again (`caddy reload --force` when the Caddyfile itself is
+	// unchanged). Default: none.
+	RulesFile string `json:"rules_file,omitempty"`
+
 	// MaxBody bounds the request body the module reads to find the model, in
 	// bytes. A larger body is answered with 413 in the caller's dialect.
 	// Default: 16 MiB.
@@ -154,7 +163,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.MaxBody = DefaultMaxBody
 	}
 	h.user, h.team, h.account = newPlaceholder(h.User), newPlaceholder(h.Team), newPlaceholder(h.VirtualAccount)
-	rules, err := compileRules(h.Zone, h.Rules)
+	cfgRules, err := h.withFileRules()
+	if err != nil {
+		return err
+	}
+	rules, err := compileRules(h.Zone, cfgRules)
 	if err != nil {
 		return err
 	}
@@ -163,7 +176,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	for i := range rules {
-		if rules[i].policy, err = rulePolicy(&h.Rules[i], h.queue); err != nil {
+		if rules[i].policy, err = rulePolicy(&cfgRules[i], h.queue); err != nil {
 			return fmt.Errorf("rule %q: %w", rules[i].id, err)
 		}
 	}

@@ -70,6 +70,8 @@ func TestExamplesAdapt(t *testing.T) {
 		"Caddyfile":                   {"model:gpt-4o", "demo-per-user"},
 		"seed000-per-model.Caddyfile": {"model:gpt-4", "model:gpt-4o", "model:llama3*"},
 		"queue.Caddyfile":             {"model:gpt-4o", "local-gpu"},
+		// Its other rules are in seed003-rules.yaml, read at provisioning.
+		"rules-file.Caddyfile": {"production-requests"},
 		"seed003-rules.Caddyfile": {"bob-gpt4-daily", "backend-gpt4-tokens", "va1-gpt4-tokens", "per-model-daily",
 			"per-user-daily", "per-user-model-daily", "per-project-hourly", "production-requests"},
 	}
