@@ -242,4 +242,3 @@ func (h *Handler) settle(x *exchange, u *usageWatcher, wrote bool, nextErr error
 	// requests waiting for those buckets try again now.
 	h.state.queue.Wake(adj)
 }
-

@@ -67,9 +67,12 @@ func ruleIDs(t *testing.T, cfg []byte) []string {
 // Every example Caddyfile adapts as written, to the rules it describes.
 func TestExamplesAdapt(t *testing.T) {
 	want := map[string][]string{
-		"Caddyfile":                   {"model:gpt-4o", "demo-per-user"},
-		"seed000-per-model.Caddyfile": {"model:gpt-4", "model:gpt-4o", "model:llama3*"},
-		"queue.Caddyfile":             {"model:gpt-4o", "local-gpu"},
+		"Caddyfile":                    {"model:gpt-4o", "demo-per-user"},
+		"seed000-per-model.Caddyfile":  {"model:gpt-4", "model:gpt-4o", "model:llama3*"},
+		"queue.Caddyfile":              {"model:gpt-4o", "local-gpu"},
+		"cost-per-developer.Caddyfile": {"dev-daily-tokens", "model-tpm"},
+		"onprem-fallback.Caddyfile":    {"onprem-slots"},
+		"customer-tiers.Caddyfile":     {"free-tier", "gold-tier", "shared-capacity"},
 		// Its other rules are in seed003-rules.yaml, read at provisioning.
 		"rules-file.Caddyfile": {"production-requests"},
 		"seed003-rules.Caddyfile": {"bob-gpt4-daily", "backend-gpt4-tokens", "va1-gpt4-tokens", "per-model-daily",
@@ -210,6 +213,13 @@ func loadSeedExample(t *testing.T, name string, cfg fakellm.Config) (*harness, *
 	t.Helper()
 	up := startFake(t, cfg)
 	t.Setenv("LLM_UPSTREAM", hostPort(up))
+	return loadExample(t, name), up
+}
+
+// loadExample loads an example that listens on :8080, as written but for
+// its port, with the environment the test has set for its placeholders.
+func loadExample(t *testing.T, name string) *harness {
+	t.Helper()
 	h := newHarness(t)
 	src := readExample(t, name)
 	// The example listens on :8080; move it to a free port so that the test
@@ -221,7 +231,7 @@ func loadSeedExample(t *testing.T, name string, cfg fakellm.Config) (*harness, *
 	if err := loadRaw(cf); err != nil {
 		t.Fatalf("loading %s: %v", name, err)
 	}
-	return h, up
+	return h
 }
 
 // refilled is the range of r= a bucket can show after a charge of cost,
