@@ -960,7 +960,7 @@ func TestTokenEstimateRatioMetric(t *testing.T) {
 		if got, ok := m[name+"_count"+labels]; !ok || got != float64(n) { // growth since before
 			t.Errorf("%s_count%s = %v (present %v), want %d", name, labels, got, ok, n)
 		}
-		if got := m[name+"_sum"+labels]; math.Abs(got-sum[d]) > 1e-6 {
+		if got := m[name+"_sum"+labels]; math.Abs(got-sum[d]) > 1e-4 { // a difference of two large float sums
 			t.Errorf("%s_sum%s = %v, want %v", name, labels, got, sum[d])
 		}
 		if got := m[name+"_bucket"+fmt.Sprintf(`{dialect=%q,le="+Inf"}`, d)]; got != float64(n) {
