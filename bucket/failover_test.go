@@ -120,6 +120,20 @@ func (p *fakePrimary) DeletePrefix(ctx context.Context, prefix []byte) (int, err
 	return n, err
 }
 
+func (p *fakePrimary) Scan(ctx context.Context, now time.Time, prefix []byte, fn func([]byte, bucket.Level) bool) error {
+	return p.do(ctx, func() error { return p.inner.Scan(ctx, now, prefix, fn) })
+}
+
+func (p *fakePrimary) Delete(ctx context.Context, keys [][]byte) (int, error) {
+	var n int
+	err := p.do(ctx, func() error {
+		var err error
+		n, err = p.inner.Delete(ctx, keys)
+		return err
+	})
+	return n, err
+}
+
 // events counts a Failover's callbacks.
 type events struct {
 	outages, recoveries atomic.Int64
