@@ -555,9 +555,10 @@ func scanGroups(ctx context.Context, as adminState, gs []bucketGroup, filter []k
 	fallback := fo != nil && fo.LocalMode()
 	matched := 0
 	err := store.Scan(ctx, now, common, func(key []byte, lv bucket.Level) bool {
-		// A limit's prefix ends with a separator: try each one in the key.
+		// A limit's prefix ends with a separator: try each one in the key
+		// (the common prefix may end with the one that ends a limit's).
 		var g *bucketGroup
-		for i := len(common); i < len(key); i++ {
+		for i := max(len(common)-1, 0); i < len(key); i++ {
 			if key[i] == keySep {
 				if g = byPrefix[string(key[:i+1])]; g != nil {
 					key = key[i+1:]
