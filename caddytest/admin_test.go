@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/llmratelimit/caddy-llm-ratelimit/caddytest/fakellm"
+	"github.com/llmratelimit/caddy-llm-ratelimit/internal/redistest"
 )
 
 // withAdmin picks a port for Caddy's admin endpoint on localhost, and
@@ -227,5 +228,77 @@ func TestAdminLearned(t *testing.T) {
 				t.Fatalf("learned %+v and %+v; want the advertised 600 requests and 100000 tokens a minute", l.Requests, l.Tokens)
 			}
 		})
+	}
+}
+
+// TestAdminRedis lists and resets buckets kept in Redis, and during an
+// outage lists the local stand-in's buckets, marked as such, under the
+// divided limit.
+func TestAdminRedis(t *testing.T) {
+	srv := redistest.Start(t)
+	up := startFake(t, fakellm.Config{})
+	h := newHarness(t)
+	port, admin := withAdmin(t)
+	h.loadAdmin(port, fmt.Sprintf(`		user {http.request.header.X-User}
+		store redis {
+			address %s
+			key_prefix admintest
+			timeout 2s
+			fail_mode local
+			instances 3
+		}
+		rule per-user {
+			limit 6 requests_per_minute
+			applies_per user
+		}`, srv.Addr()), up)
+	for range 6 {
+		if r := h.chat("gpt-4o", "X-User", "alice"); r.status != 200 {
+			t.Fatalf("alice: %v", r)
+		}
+	}
+	h.chat("gpt-4o", "X-User", "bob")
+	var out struct {
+		Buckets []struct {
+			Store, Key      string
+			Used, Remaining int64
+			Fallback        bool
+			Limit           struct {
+				LimitTo int64 `json:"limit_to"`
+			}
+		}
+	}
+	if code, body := h.adminJSON(http.MethodGet, admin+"/llm_rate_limit/buckets?rule=per-user", &out); code != 200 || len(out.Buckets) != 2 {
+		t.Fatalf("buckets: %d %s", code, body)
+	}
+	a := out.Buckets[0]
+	if !strings.HasPrefix(a.Store, "redis:") || a.Key != "user=alice" || a.Used != 6 || a.Remaining != 0 || a.Fallback {
+		t.Fatalf("alice's bucket in Redis: %+v", a)
+	}
+	aliceKey := "{admintest}\x1fper-user\x1fuser\x1frequests_per_minute\x1f\x05alice"
+	rc := srv.Client(t)
+	if n, err := rc.Exists(context.Background(), aliceKey).Result(); err != nil || n != 1 {
+		t.Fatalf("alice's key in Redis before the reset: %d, %v", n, err)
+	}
+	var res struct{ Reset int }
+	if code, body := h.adminJSON(http.MethodPost, admin+"/llm_rate_limit/reset?rule=per-user&key=user=alice", &res); code != 200 || res.Reset != 1 {
+		t.Fatalf("reset alice: %d %s", code, body)
+	}
+	if n, err := rc.Exists(context.Background(), aliceKey).Result(); err != nil || n != 0 {
+		t.Fatalf("alice's key in Redis after the reset: %d, %v", n, err)
+	}
+
+	// Redis goes away: requests are limited here, at 6/3 = 2 a minute.
+	srv.Stop()
+	if r := h.chat("gpt-4o", "X-User", "alice"); r.status != 200 {
+		t.Fatalf("alice during the outage: %v", r)
+	}
+	if code, body := h.adminJSON(http.MethodGet, admin+"/llm_rate_limit/buckets?rule=per-user", &out); code != 200 || len(out.Buckets) != 1 {
+		t.Fatalf("buckets during the outage: %d %s; want alice's local one", code, body)
+	}
+	if a := out.Buckets[0]; !a.Fallback || a.Limit.LimitTo != 2 || a.Used != 1 || a.Remaining != 1 {
+		t.Fatalf("alice's local bucket: %+v; want 1 used of 2, marked fallback", a)
+	}
+	if code, body := h.adminJSON(http.MethodPost, admin+"/llm_rate_limit/reset?rule=per-user&all=1", nil); code != http.StatusServiceUnavailable || !strings.Contains(body, "primary store is down") {
+		t.Fatalf("reset during the outage: %d %s; want 503", code, body)
 	}
 }
