@@ -303,7 +303,7 @@ type bucketGroup struct {
 }
 
 // groups returns the bucket groups of a state's registered rules that f
-// selects, and whether any rule matched.
+// selects.
 func groups(as adminState, f ruleFilter) []bucketGroup {
 	var out []bucketGroup
 	for _, rr := range as.state.registered() {
@@ -467,8 +467,9 @@ func (h *firstBuckets) offer(b *adminBucket) bool {
 // bucketList is the list's answer.
 type bucketList struct {
 	Buckets []*adminBucket `json:"buckets"`
-	// Matched counts every bucket that matched; Truncated says that some
-	// were left out by limit.
+	// Matched counts every bucket that matched (a key Redis's SCAN
+	// reports twice may count twice); Truncated says that some were left
+	// out by limit.
 	Matched   int  `json:"matched"`
 	Truncated bool `json:"truncated"`
 }
