@@ -125,7 +125,7 @@ type Handler struct {
 	user, team     placeholder
 	account        placeholder
 	rules          []compiledRule
-	prefixes       []string
+	retained       []*compiledRule // the rules registered in the shared state
 	hasTokenLimits bool
 	// queues is set when some rule's requests may wait.
 	queues   bool
@@ -185,11 +185,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.adaptive.enabled {
 		h.queues, h.hasTokenLimits = true, true
-		h.prefixes = append(h.prefixes, h.adaptive.rule.prefix)
+		h.retained = append(h.retained, &h.adaptive.rule)
 	}
-	for _, r := range rules {
+	for i, r := range rules {
 		h.queues = h.queues || r.policy.MaxWait > 0
-		h.prefixes = append(h.prefixes, r.prefix)
+		h.retained = append(h.retained, &rules[i])
 		for _, l := range r.limits {
 			if l.quantity == quantityTokens {
 				h.hasTokenLimits = true
@@ -207,7 +207,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	h.state.retain(h.prefixes)
+	h.state.retain(h.Zone, h.retained)
 	return nil
 }
 
@@ -225,7 +225,7 @@ func (h *Handler) Cleanup() error {
 	if h.state == nil || atomic.SwapInt32(&h.released, 1) == 1 {
 		return nil
 	}
-	h.state.release(h.prefixes)
+	h.state.release(h.retained)
 	return releaseState(h.stateKey)
 }
 

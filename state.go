@@ -1,7 +1,9 @@
 package llmratelimit
 
 import (
+	"cmp"
 	"context"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -52,9 +54,11 @@ type sharedState struct {
 	learners learners
 
 	mu sync.Mutex
-	// refs counts, per rule key prefix, the provisioned handlers whose rules
-	// use it. A prefix that drops to zero belongs to a removed rule.
-	refs map[string]int
+	// refs holds, per rule key prefix, the rules of the provisioned
+	// handlers that use it, the latest provisioned last. A prefix whose
+	// list empties belongs to a removed rule. The admin API reads the
+	// latest rule of each prefix to list and reset its buckets.
+	refs map[string][]registeredRule
 
 	stop chan struct{}
 	done chan struct{}
@@ -96,7 +100,7 @@ func newSharedState(store bucket.Store) *sharedState {
 		store:    store,
 		queue:    bucket.NewQueue(store, bucket.SystemClock{}),
 		learners: learners{m: make(map[learnerKey]*learned)},
-		refs:     make(map[string]int),
+		refs:     make(map[string][]registeredRule),
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
 	}
@@ -157,23 +161,30 @@ func (s *sharedState) sweep() {
 	}
 }
 
-// retain records that a handler uses these rule prefixes.
-func (s *sharedState) retain(prefixes []string) {
+// registeredRule is a provisioned handler's rule, with its zone.
+type registeredRule struct {
+	zone string
+	rule *compiledRule
+}
+
+// retain records that a handler of zone uses these rules.
+func (s *sharedState) retain(zone string, rules []*compiledRule) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, p := range prefixes {
-		s.refs[p]++
+	for _, r := range rules {
+		s.refs[r.prefix] = append(s.refs[r.prefix], registeredRule{zone: zone, rule: r})
 	}
 }
 
-// release records that a handler no longer uses these rule prefixes, and
-// frees the buckets of those no handler uses any more.
-func (s *sharedState) release(prefixes []string) {
+// release records that a handler no longer uses these rules, and frees the
+// buckets of the prefixes no handler uses any more.
+func (s *sharedState) release(rules []*compiledRule) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, p := range prefixes {
-		s.refs[p]--
-		if s.refs[p] > 0 {
+	for _, r := range rules {
+		p := r.prefix
+		s.refs[p] = slices.DeleteFunc(s.refs[p], func(rr registeredRule) bool { return rr.rule == r })
+		if len(s.refs[p]) > 0 {
 			continue
 		}
 		delete(s.refs, p)
@@ -181,4 +192,19 @@ func (s *sharedState) release(prefixes []string) {
 			s.store.DeletePrefix(context.Background(), []byte(p))
 		}
 	}
+}
+
+// registered returns the latest rule of each prefix in use, by zone, rule id
+// and prefix.
+func (s *sharedState) registered() []registeredRule {
+	s.mu.Lock()
+	out := make([]registeredRule, 0, len(s.refs))
+	for _, rs := range s.refs {
+		out = append(out, rs[len(rs)-1])
+	}
+	s.mu.Unlock()
+	slices.SortFunc(out, func(a, b registeredRule) int {
+		return cmp.Or(cmp.Compare(a.zone, b.zone), cmp.Compare(a.rule.id, b.rule.id), cmp.Compare(a.rule.prefix, b.rule.prefix))
+	})
+	return out
 }

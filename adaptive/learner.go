@@ -174,6 +174,61 @@ func (l *Learner) Limits() Limits {
 	return l.limits
 }
 
+// Where a learned request rate came from, in Snapshot.RequestsSource.
+const (
+	// SourceHeaders: the upstream advertised it in rate-limit headers.
+	SourceHeaders = "headers"
+	// SourceMeasured: measured from the spacing of the upstream's
+	// refusals (and probed a little higher after a quiet spell).
+	SourceMeasured = "measured"
+	// SourceRetryAfter: a first guess from the first refusal, its
+	// Retry-After (or the rate accepted until then when it had none),
+	// until two refusals measure the rate.
+	SourceRetryAfter = "retry-after"
+)
+
+// Snapshot is a read-only view of a Learner: what it knows and how it came
+// to know it.
+type Snapshot struct {
+	Limits
+	// RequestsSource says where Limits.Requests came from: SourceHeaders,
+	// SourceMeasured or SourceRetryAfter; empty when nothing is known.
+	RequestsSource string
+	// MeasuredPerSecond is the rate last measured from refusals (0: none),
+	// and MeasuredAt when it was measured.
+	MeasuredPerSecond float64
+	MeasuredAt        time.Time
+	// InFlight counts the requests sent and not yet answered; Accepted
+	// counts the upstream's successes.
+	InFlight, Accepted int64
+	// LastRefusal is when the upstream last refused for a rate (or when a
+	// probe last raised the rate); zero when it never has.
+	LastRefusal time.Time
+}
+
+// Snapshot returns a view of the learner. It changes nothing.
+func (l *Learner) Snapshot() Snapshot {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	s := Snapshot{
+		Limits:            l.limits,
+		MeasuredPerSecond: l.measured,
+		MeasuredAt:        l.measuredAt,
+		InFlight:          l.inflight,
+		Accepted:          l.accepted,
+		LastRefusal:       l.lastRefusal,
+	}
+	switch {
+	case l.limits.FromHeaders:
+		s.RequestsSource = SourceHeaders
+	case l.measured > 0:
+		s.RequestsSource = SourceMeasured
+	case l.limits.Requests.Count > 0:
+		s.RequestsSource = SourceRetryAfter
+	}
+	return s
+}
+
 // Begin records that a request is being sent to the upstream, without
 // saying when; Observe takes its answer. Send and Answer are the precise
 // pair.

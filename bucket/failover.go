@@ -590,3 +590,49 @@ func (f *Failover) DeletePrefix(ctx context.Context, prefix []byte) (int, error)
 	n, err := f.primary.DeletePrefix(ctx, prefix)
 	return n, errors.Join(err, errLocal)
 }
+
+// Scan implements Store: the primary's buckets while it is up, and the fail
+// mode's view during an outage: the local store's buckets when local (their
+// levels are under the divided limits; see LocalLimit), none when failing
+// open (every bucket is as good as full), the error when closed. Like
+// DeletePrefix it is maintenance: it runs with the caller's context rather
+// than the timeout, and its failure neither starts nor ends an outage (nor
+// falls back, since fn may have seen part of the primary's buckets).
+func (f *Failover) Scan(ctx context.Context, now time.Time, prefix []byte, fn func(key []byte, lv Level) bool) error {
+	if !f.down.Load() {
+		return f.primary.Scan(ctx, now, prefix, fn)
+	}
+	switch f.mode {
+	case FailLocal:
+		return f.local.Scan(ctx, now, prefix, fn)
+	case FailOpen:
+		return nil
+	}
+	return f.downErr()
+}
+
+// LocalLimit returns the limit the local store enforces in FailLocal mode
+// for a configured limit l: l divided by the number of instances.
+func (f *Failover) LocalLimit(l Limit) Limit {
+	return f.localCharges([]Charge{{Limit: l}})[0].Limit
+}
+
+// LocalMode reports whether an outage is on and its fail mode is FailLocal:
+// then Scan reports the local store's buckets.
+func (f *Failover) LocalMode() bool { return f.mode == FailLocal && f.down.Load() }
+
+// Delete implements Store, as DeletePrefix does: in the local store too, and
+// in the primary unless it is down (the error then says so). It returns the
+// primary's count, or the local store's during an outage.
+func (f *Failover) Delete(ctx context.Context, keys [][]byte) (int, error) {
+	var nLocal int
+	var errLocal error
+	if f.local != nil {
+		nLocal, errLocal = f.local.Delete(ctx, keys)
+	}
+	if f.down.Load() {
+		return nLocal, errors.Join(f.downErr(), errLocal)
+	}
+	n, err := f.primary.Delete(ctx, keys)
+	return n, errors.Join(err, errLocal)
+}

@@ -3,6 +3,7 @@ package bucket_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -115,6 +116,20 @@ func (p *fakePrimary) DeletePrefix(ctx context.Context, prefix []byte) (int, err
 	err := p.do(ctx, func() error {
 		var err error
 		n, err = p.inner.DeletePrefix(ctx, prefix)
+		return err
+	})
+	return n, err
+}
+
+func (p *fakePrimary) Scan(ctx context.Context, now time.Time, prefix []byte, fn func([]byte, bucket.Level) bool) error {
+	return p.do(ctx, func() error { return p.inner.Scan(ctx, now, prefix, fn) })
+}
+
+func (p *fakePrimary) Delete(ctx context.Context, keys [][]byte) (int, error) {
+	var n int
+	err := p.do(ctx, func() error {
+		var err error
+		n, err = p.inner.Delete(ctx, keys)
 		return err
 	})
 	return n, err
@@ -606,5 +621,66 @@ func TestFailoverRedis(t *testing.T) {
 				t.Fatalf("after recovery: the bucket is not in redis (%d, %v, %+v)", n, err, st[0])
 			}
 		})
+	}
+}
+
+// TestFailoverScanAndDelete checks the admin view of a Failover: the
+// primary's buckets while it answers, and the fail mode's during an outage.
+func TestFailoverScanAndDelete(t *testing.T) {
+	ctx, now := context.Background(), time.Now()
+	rate := bucket.Limit{Count: 10, Window: time.Minute}
+	charge := func(key string) []bucket.Charge {
+		return []bucket.Charge{{Key: []byte(key), Limit: rate, Cost: 1}}
+	}
+	keys := func(f *bucket.Failover) []string {
+		var out []string
+		err := f.Scan(ctx, now, []byte("k"), func(k []byte, _ bucket.Level) bool {
+			out = append(out, string(k))
+			return true
+		})
+		if err != nil {
+			out = append(out, "error: "+err.Error())
+		}
+		return out
+	}
+	for _, c := range []struct {
+		mode bucket.FailMode
+		down string // what Scan reports during the outage
+	}{
+		{bucket.FailLocal, "k-local"},
+		{bucket.FailOpen, ""},
+		{bucket.FailClosed, "error: " + bucket.ErrPrimaryDown.Error()},
+	} {
+		t.Run(c.mode.String(), func(t *testing.T) {
+			p := newFakePrimary()
+			f := bucket.NewFailover(p, bucket.FailoverOptions{Mode: c.mode, Instances: 2, Backoff: time.Hour})
+			if _, err := f.Reserve(ctx, now, charge("k-primary"), 0, nil); err != nil {
+				t.Fatal(err)
+			}
+			if got := keys(f); len(got) != 1 || got[0] != "k-primary" || f.LocalMode() {
+				t.Fatalf("primary up: Scan reported %q (local mode %v), want the primary's bucket", got, f.LocalMode())
+			}
+			p.set(fakeFail)
+			f.Reserve(ctx, now, charge("k-local"), 0, nil) // starts the outage
+			if got := strings.Join(keys(f), ","); !strings.HasPrefix(got, c.down) || (c.down == "") != (got == "") {
+				t.Fatalf("primary down: Scan reported %q, want %q", got, c.down)
+			}
+			if f.LocalMode() != (c.mode == bucket.FailLocal) {
+				t.Fatalf("LocalMode = %v during an outage in mode %s", f.LocalMode(), c.mode)
+			}
+			n, err := f.Delete(ctx, [][]byte{[]byte("k-local"), []byte("k-primary")})
+			if want := map[bool]int{true: 1, false: 0}[c.mode == bucket.FailLocal]; n != want || !errors.Is(err, bucket.ErrPrimaryDown) {
+				t.Fatalf("Delete while down = %d, %v; want %d and ErrPrimaryDown", n, err, want)
+			}
+			p.set(fakeOK)
+			if n, err := p.inner.Delete(ctx, [][]byte{[]byte("k-primary")}); n != 1 || err != nil {
+				t.Fatalf("the primary lost its bucket during the outage: %d, %v", n, err)
+			}
+		})
+	}
+	// The local store's limit is the configured one over the instances.
+	f := bucket.NewFailover(newFakePrimary(), bucket.FailoverOptions{Mode: bucket.FailLocal, Instances: 3})
+	if got := f.LocalLimit(bucket.Limit{Count: 10, Window: time.Minute, Burst: 5}); got != (bucket.Limit{Count: 3, Window: time.Minute, Burst: 1}) {
+		t.Fatalf("LocalLimit = %+v", got)
 	}
 }

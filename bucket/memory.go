@@ -419,6 +419,50 @@ func (s *MemoryStore) DeletePrefix(_ context.Context, prefix []byte) (int, error
 	return n, nil
 }
 
+// Scan implements Store. It locks one shard at a time, and calls fn with
+// that shard locked: the requests whose buckets live in the shard wait for
+// it, as they do for DeletePrefix and Sweep.
+func (s *MemoryStore) Scan(_ context.Context, now time.Time, prefix []byte, fn func(key []byte, lv Level) bool) error {
+	t := s.clock(now)
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		for k, b := range sh.buckets {
+			if !bytes.HasPrefix([]byte(k), prefix) {
+				continue
+			}
+			lv := Level{Count: b.count, Window: b.window, Backlog: b.tat}
+			if b.window != 0 {
+				if b.tat <= t {
+					continue // full: the same as no bucket
+				}
+				lv.Backlog = b.tat - t
+			}
+			if !fn([]byte(k), lv) {
+				sh.mu.Unlock()
+				return nil
+			}
+		}
+		sh.mu.Unlock()
+	}
+	return nil
+}
+
+// Delete implements Store.
+func (s *MemoryStore) Delete(_ context.Context, keys [][]byte) (int, error) {
+	n := 0
+	for _, k := range keys {
+		sh := &s.shards[maphash.Bytes(s.seed, k)%memoryShards]
+		sh.mu.Lock()
+		if _, ok := sh.buckets[string(k)]; ok {
+			delete(sh.buckets, string(k))
+			n++
+		}
+		sh.mu.Unlock()
+	}
+	return n, nil
+}
+
 // Sweep drops every bucket that is full at now, and returns how many it
 // dropped. Dropping a full bucket changes no decision, so it is safe at any
 // time; the module runs it periodically so that idle keys do not accumulate.

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -379,6 +380,124 @@ func (s *RedisStore) DeletePrefix(ctx context.Context, prefix []byte) (int, erro
 		err = del(ctx, s.client)
 	}
 	return int(total.Load()), err
+}
+
+// Scan implements Store. It walks the keyspace with SCAN, matching the
+// prefix, a batch of up to redisScanCount keys at a time, and reads each
+// batch with one MGET; on a Cluster or a Ring it walks every master. Each
+// server's buckets are read at that server's clock (or at now in
+// caller-time mode), as the script would. Like every SCAN, it may report a
+// key twice, and a key written during the walk may be missed.
+func (s *RedisStore) Scan(ctx context.Context, now time.Time, prefix []byte, fn func(key []byte, lv Level) bool) error {
+	pattern := globEscape(s.prefix) + globEscape(string(prefix)) + "*"
+	// A Cluster's masters are walked concurrently: fn is called under mu,
+	// and once it has said stop, every walk stops.
+	var mu sync.Mutex
+	var stopped atomic.Bool
+	walk := func(ctx context.Context, c redis.Cmdable) error {
+		nowS, nowNs := now.Unix(), int64(now.Nanosecond())
+		if !s.callerTime {
+			t, err := c.Time(ctx).Result()
+			if err != nil {
+				return fmt.Errorf("bucket: redis time: %w", err)
+			}
+			nowS, nowNs = t.Unix(), int64(t.Nanosecond())
+		}
+		var cursor uint64
+		for !stopped.Load() {
+			keys, next, err := c.Scan(ctx, cursor, pattern, redisScanCount).Result()
+			if err != nil {
+				return fmt.Errorf("bucket: redis scan: %w", err)
+			}
+			if len(keys) > 0 {
+				// One slot (the hash tag) holds them all, so one MGET is
+				// valid on a Cluster node too.
+				vals, err := c.MGet(ctx, keys...).Result()
+				if err != nil {
+					return fmt.Errorf("bucket: redis mget: %w", err)
+				}
+				mu.Lock()
+				for i, v := range vals {
+					str, ok := v.(string) // nil: expired since the SCAN
+					if !ok || stopped.Load() {
+						continue
+					}
+					lv, ok := decodeRedisBucket(str, nowS, nowNs)
+					if !ok {
+						continue
+					}
+					if !fn([]byte(keys[i][len(s.prefix):]), lv) {
+						stopped.Store(true)
+					}
+				}
+				mu.Unlock()
+			}
+			if next == 0 {
+				return nil
+			}
+			cursor = next
+		}
+		return nil
+	}
+	switch c := s.client.(type) {
+	case *redis.ClusterClient:
+		return c.ForEachMaster(ctx, func(ctx context.Context, node *redis.Client) error { return walk(ctx, node) })
+	case *redis.Ring:
+		return c.ForEachShard(ctx, func(ctx context.Context, shard *redis.Client) error { return walk(ctx, shard) })
+	}
+	return walk(ctx, s.client)
+}
+
+// decodeRedisBucket reads a stored bucket (see redis.lua: five
+// little-endian doubles, seen_s seen_ns level count window) as its level at
+// the time nowS, nowNs, with the checks the script makes: a value that is not
+// a bucket of ours is skipped. A bucket written later than that time (a
+// server clock that stepped back) is read at its write, as the script
+// would read it.
+func decodeRedisBucket(v string, nowS, nowNs int64) (Level, bool) {
+	if len(v) != 40 {
+		return Level{}, false
+	}
+	var f [5]float64
+	for i := range f {
+		f[i] = math.Float64frombits(binary.LittleEndian.Uint64([]byte(v[8*i : 8*i+8])))
+	}
+	seenS, seenNs, x, c, w := f[0], f[1], f[2], f[3], f[4]
+	if !(seenNs >= 0 && seenNs < 1e9 && x >= 0 && x <= redisMaxSpan && c >= 1 && c <= maxUnits && w >= 0 && w <= float64(maxSpan) &&
+		seenS == math.Floor(seenS) && math.Abs(seenS) < 1<<53) {
+		return Level{}, false
+	}
+	lv := Level{Count: int64(c), Window: time.Duration(w), Backlog: int64(x)}
+	if lv.Window == 0 {
+		return lv, lv.Backlog > 0
+	}
+	// The backlog drains with time. Past redisMaxSpan any backlog has
+	// drained, and below it the elapsed nanoseconds fit an int64.
+	ds := nowS - int64(seenS)
+	if ds >= 4600000 {
+		return lv, false
+	}
+	if elapsed := ds*1e9 + nowNs - int64(seenNs); elapsed > 0 {
+		lv.Backlog -= elapsed
+	}
+	return lv, lv.Backlog > 0
+}
+
+// Delete implements Store, with one UNLINK.
+func (s *RedisStore) Delete(ctx context.Context, keys [][]byte) (int, error) {
+	if len(keys) == 0 {
+		return 0, nil
+	}
+	full := make([]string, len(keys))
+	for i, k := range keys {
+		full[i] = s.prefix + string(k)
+	}
+	// Every key shares the hash tag, and so the slot, as in DeletePrefix.
+	n, err := s.client.Unlink(ctx, full...).Result()
+	if err != nil {
+		return 0, fmt.Errorf("bucket: redis unlink: %w", err)
+	}
+	return int(n), nil
 }
 
 // globEscape escapes the characters special to Redis's glob-style MATCH

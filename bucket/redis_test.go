@@ -692,3 +692,41 @@ func BenchmarkRedisReserveParallel(b *testing.B) {
 	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "decisions/s")
 	b.ReportMetric(float64(h.roundTrips())/float64(b.N), "roundtrips/op")
 }
+
+// TestRedisStoreScanServerTime checks Scan in the production mode, on the
+// server's clock: levels drain from the time the script wrote them, keys
+// with glob characters match literally, a batch larger than one SCAN call
+// is walked whole, and values that are not buckets are skipped.
+func TestRedisStoreScanServerTime(t *testing.T) {
+	c := redistest.Start(t).Client(t)
+	ctx := context.Background()
+	s := bucket.NewRedisStore(c, bucket.RedisOptions{Prefix: `scan*`})
+	l := bucket.Limit{Count: 10, Window: time.Minute}
+	if _, err := s.Reserve(ctx, time.Time{}, []bucket.Charge{{Key: []byte("r*\x1fa"), Limit: l, Cost: 3}}, 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 1500; i++ {
+		s.Reserve(ctx, time.Time{}, []bucket.Charge{{Key: fmt.Appendf(nil, "rX\x1f%d", i), Limit: l, Cost: 1}}, 0, nil)
+	}
+	// Not a bucket: skipped, never an error.
+	c.Set(ctx, "{scan*}r*\x1fjunk", "not a bucket", time.Minute)
+	var got []bucket.Level
+	err := s.Scan(ctx, time.Time{}, []byte("r*\x1f"), func(k []byte, lv bucket.Level) bool {
+		if string(k) != "r*\x1fa" {
+			t.Errorf("Scan reported %q", k)
+		}
+		got = append(got, lv)
+		return true
+	})
+	// Three units of 6 s, less the little time since the write.
+	if err != nil || len(got) != 1 || got[0].Count != 10 || got[0].Window != time.Minute || got[0].Backlog > int64(18*time.Second) || got[0].Backlog < int64(17*time.Second) {
+		t.Fatalf("Scan = %+v, %v; want one bucket with a backlog just under 18 s", got, err)
+	}
+	n := 0
+	if err := s.Scan(ctx, time.Time{}, []byte("rX\x1f"), func([]byte, bucket.Level) bool { n++; return true }); err != nil || n < 1500 {
+		t.Fatalf("Scan of 1500 keys reported %d, %v", n, err)
+	}
+	if d, err := s.Delete(ctx, [][]byte{[]byte("r*\x1fa"), []byte("r*\x1fnone")}); d != 1 || err != nil {
+		t.Fatalf("Delete = %d, %v; want 1", d, err)
+	}
+}

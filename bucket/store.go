@@ -75,4 +75,21 @@ type Store interface {
 	// returns how many it forgot. It is how a removed rule's buckets are
 	// freed.
 	DeletePrefix(ctx context.Context, prefix []byte) (int, error)
+
+	// Scan calls fn with every stored bucket whose key starts with prefix,
+	// and its level at now (see Level), until fn returns false. It is for
+	// inspection (the admin API), not for requests: it walks every bucket
+	// the store holds, so it costs in proportion to the whole store. The
+	// key passed to fn is valid only during the call. fn is called from one
+	// goroutine at a time and must not call the store. A bucket that is
+	// full (a rate bucket) or holds nothing (a concurrency bucket) is the
+	// same as no bucket and is not reported. Stores that walk a keyspace
+	// with a cursor (Redis's SCAN) may report a key more than once.
+	Scan(ctx context.Context, now time.Time, prefix []byte, fn func(key []byte, lv Level) bool) error
+
+	// Delete forgets the buckets with these keys, and returns how many of
+	// them there were. A request that holds units of a deleted concurrency
+	// bucket gives them back later into nothing: a release never takes a
+	// bucket below zero.
+	Delete(ctx context.Context, keys [][]byte) (int, error)
 }

@@ -35,6 +35,7 @@ func Run(t *testing.T, newStore func(t *testing.T) bucket.Store) {
 	t.Run("Concurrent", func(t *testing.T) { testConcurrent(t, newStore(t)) })
 	t.Run("HugeDebtSaturates", func(t *testing.T) { testHugeDebt(t, newStore(t)) })
 	t.Run("Concurrency", func(t *testing.T) { runConcurrency(t, newStore) })
+	t.Run("Scan", func(t *testing.T) { runScan(t, newStore) })
 }
 
 func charge(key string, l bucket.Limit, cost int64) bucket.Charge {
