@@ -136,6 +136,8 @@ type RedisStore struct {
 	// prefix is "{"+Prefix+"}", the start of every key.
 	prefix     string
 	callerTime bool
+	// batch sends concurrent calls together (see redisBatcher).
+	batch *redisBatcher
 }
 
 var _ Store = (*RedisStore)(nil)
@@ -153,7 +155,7 @@ func NewRedisStore(client redis.UniversalClient, opts RedisOptions) *RedisStore 
 	if opts.Prefix == "" {
 		opts.Prefix = DefaultRedisPrefix
 	}
-	return &RedisStore{client: client, prefix: "{" + opts.Prefix + "}", callerTime: opts.CallerTime}
+	return &RedisStore{client: client, prefix: "{" + opts.Prefix + "}", callerTime: opts.CallerTime, batch: newRedisBatcher(client)}
 }
 
 // Warm opens a connection and loads the script, so that the first
@@ -245,7 +247,7 @@ func clampSpan(v int64) int64 {
 // run runs the script and checks its reply: three header integers and one
 // value per key.
 func (s *RedisStore) run(ctx context.Context, c *redisCall) ([]int64, error) {
-	res, err := redisScript.Run(ctx, s.client, c.keys, c.args...).Result()
+	res, err := s.batch.run(ctx, c.keys, c.args)
 	if err != nil {
 		if errors.Is(err, redis.Nil) {
 			return nil, errors.New("bucket: redis script returned nil")
