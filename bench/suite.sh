@@ -332,7 +332,7 @@ sum_adaptive() {
 	done
 	for d in $ADAPTIVE_LONG; do
 		for s in retry-after no-headers halving; do
-			sum_rows "$out/adaptive-$s-$d.txt" "adaptive $d" "$adaptive_rows"
+			sum_rows "$out/adaptive-$s-$d.txt" "adaptive $d, one scenario" "$adaptive_rows"
 		done
 	done
 }
