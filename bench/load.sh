@@ -24,6 +24,8 @@
 #   THREADS=2 CONNECTIONS=32   wrk -t and -c
 #   BENCH_PROXY_PORT=18080 BENCH_LLM_PORT=18081 BENCH_UPSTREAM_PORT=18090
 #   REDIS=1 BENCH_LLM_REDIS_PORT=18082 BENCH_REDIS_PORT=18379
+#   OUT_DIR=bench/out/<time>   where the raw wrk outputs go
+# The servers are started by bench/lib.sh, shared with bench/fixed.sh.
 #
 # It installs nothing, except wrk when it is missing and the script runs as
 # root (Debian package `wrk`). It needs Go to build ./cmd/caddy.
@@ -32,8 +34,8 @@
 # the same cores. On 2 cores the numbers are a relative measure (b against a
 # on the same machine in the same minute), not the throughput Caddy reaches
 # on a dedicated box. wrk is closed-loop, so p99 here is latency under
-# saturation; a fixed-rate comparison (wrk2) is not included, since Debian
-# does not package wrk2.
+# saturation; bench/fixed.sh measures latency at a fixed request rate well
+# below it, with hey.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -41,138 +43,13 @@ DURATION=${DURATION:-15s}
 WARMUP=${WARMUP:-5s}
 THREADS=${THREADS:-2}
 CONNECTIONS=${CONNECTIONS:-32}
-export BENCH_PROXY_PORT=${BENCH_PROXY_PORT:-18080}
-export BENCH_LLM_PORT=${BENCH_LLM_PORT:-18081}
-export BENCH_UPSTREAM_PORT=${BENCH_UPSTREAM_PORT:-18090}
-export BENCH_LLM_REDIS_PORT=${BENCH_LLM_REDIS_PORT:-18082}
-export BENCH_REDIS_PORT=${BENCH_REDIS_PORT:-18379}
-REDIS=${REDIS:-1}
-if [ "$REDIS" = 1 ] && ! command -v redis-server >/dev/null 2>&1; then
-	echo "== redis-server not installed: skipping (c); apt-get install redis-server to include it"
-	REDIS=0
-fi
-configs=(a b)
-if [ "$REDIS" = 1 ]; then
-	configs+=(c)
-fi
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bench="$root/bench"
-export PATH=/usr/local/go/bin:$PATH
-
-# --- wrk ------------------------------------------------------------------
-if ! command -v wrk >/dev/null 2>&1; then
-	if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-		echo "== installing wrk (apt)"
-		apt-get update -qq
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-	else
-		echo "wrk is not installed: apt-get install wrk (as root), then run again" >&2
-		exit 1
-	fi
-fi
-
-# Raw wrk outputs of this invocation are kept in bench/out/<time>/ (ignored
-# by git) for anyone who wants more than the summary.
-out_dir="$bench/out/$(date +%Y%m%d-%H%M%S)"
-mkdir -p "$out_dir"
-
-# --- build ----------------------------------------------------------------
-# Caddy with the module and the standard modules, from this checkout. A
-# scratch directory holds the binary, Caddy's data/config dirs and the logs,
-# so the benchmark leaves nothing behind in $HOME.
-work=$(mktemp -d /tmp/llmrl-bench.XXXXXX)
-export XDG_DATA_HOME="$work/data" XDG_CONFIG_HOME="$work/config"
-echo "== building ./cmd/caddy into $work"
-(cd "$root" && go build -trimpath -o "$work/caddy" ./cmd/caddy)
-
-# --- servers --------------------------------------------------------------
-pids=()
-cleanup() {
-	# Stop only the processes this script started, by their ids.
-	for pid in "${pids[@]}"; do
-		kill "$pid" 2>/dev/null || true
-	done
-	for pid in "${pids[@]}"; do
-		wait "$pid" 2>/dev/null || true
-	done
-	rm -rf "$work"
-}
-trap cleanup EXIT
-
-start() { # name Caddyfile
-	"$work/caddy" run --adapter caddyfile --config "$2" >"$work/$1.log" 2>&1 &
-	pids+=($!)
-}
-
-wait_port() { # name port
-	for _ in $(seq 1 100); do
-		if curl -s -o /dev/null "http://127.0.0.1:$2/" 2>/dev/null; then
-			return 0
-		fi
-		sleep 0.1
-	done
-	echo "$1 did not start on port $2; its log:" >&2
-	cat "$work/$1.log" >&2
-	exit 1
-}
-
-start upstream "$bench/upstream.Caddyfile"
-start proxy "$bench/proxy.Caddyfile"
-start llm "$bench/llm.Caddyfile"
-if [ "$REDIS" = 1 ]; then
-	redis-server --port "$BENCH_REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
-		--dir "$work" --daemonize no --loglevel warning >"$work/redis.log" 2>&1 &
-	pids+=($!)
-	for _ in $(seq 1 100); do
-		if redis-cli -p "$BENCH_REDIS_PORT" ping >/dev/null 2>&1; then break; fi
-		sleep 0.1
-	done
-	start llm-redis "$bench/llm-redis.Caddyfile"
-fi
-wait_port upstream "$BENCH_UPSTREAM_PORT"
-wait_port proxy "$BENCH_PROXY_PORT"
-wait_port llm "$BENCH_LLM_PORT"
-if [ "$REDIS" = 1 ]; then
-	wait_port llm-redis "$BENCH_LLM_REDIS_PORT"
-fi
-
-# Sanity: (b) really runs the limiter (its headers are there) and (a) does not.
-probe() { # port
-	curl -s -D - -o /dev/null "http://127.0.0.1:$1/v1/chat/completions" \
-		-H 'Content-Type: application/json' -H 'X-User: probe' \
-		-d '{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
-}
-# (Captured first: grep -q in a pipeline could SIGPIPE curl under pipefail.)
-hdr_b=$(probe "$BENCH_LLM_PORT")
-hdr_a=$(probe "$BENCH_PROXY_PORT")
-if ! grep -qi '^RateLimit-Policy:' <<<"$hdr_b"; then
-	echo "(b) did not answer with RateLimit-Policy: is llm_rate_limit configured?" >&2
-	echo "$hdr_b" >&2
-	exit 1
-fi
-if grep -qi '^RateLimit-Policy:' <<<"$hdr_a"; then
-	echo "(a) unexpectedly answered with RateLimit-Policy" >&2
-	exit 1
-fi
-if [ "$REDIS" = 1 ]; then
-	hdr_c=$(probe "$BENCH_LLM_REDIS_PORT")
-	if ! grep -qi '^RateLimit-Policy:' <<<"$hdr_c" || [ "$(redis-cli -p "$BENCH_REDIS_PORT" dbsize)" = 0 ]; then
-		echo "(c) did not answer with RateLimit-Policy, or wrote nothing to Redis" >&2
-		echo "$hdr_c" >&2
-		exit 1
-	fi
-fi
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+need_tool wrk wrk
+bench_start
 
 # --- runs -----------------------------------------------------------------
-url() { # a|b|c
-	case "$1" in
-	a) echo "http://127.0.0.1:$BENCH_PROXY_PORT/v1/chat/completions" ;;
-	b) echo "http://127.0.0.1:$BENCH_LLM_PORT/v1/chat/completions" ;;
-	c) echo "http://127.0.0.1:$BENCH_LLM_REDIS_PORT/v1/chat/completions" ;;
-	esac
-}
-
 # run a|b|c duration: runs wrk and prints "rps p99_ms socket_errors". A run
 # with non-2xx answers stops the script: the limiter refused something, so it
 # would not measure the same work as (a). Socket errors (wrk's 2 s timeouts,
@@ -200,13 +77,7 @@ run() {
 	echo "$rps $p99 ${errors:-0}"
 }
 
-echo "== machine: $(nproc) cores, $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-# Anything else busy on the machine (a build, a fuzzer) skews the runs it
-# overlaps; say so up front rather than let it pass for the proxy's cost.
-read -r load1 _ </proc/loadavg
-if awk -v l="$load1" 'BEGIN { exit !(l > 0.5) }'; then
-	echo "== warning: 1-minute load average is $load1 before the runs; other work will add noise"
-fi
+bench_warn_load
 echo "== wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency -s bench/post.lua" \
 	"($(wrk -t1 -c1 -d1s -s "$bench/post.lua" "$(url a)" | awk '/^body_bytes/ {print $2}') byte body), $ROUNDS rounds"
 echo "== warm-up ($WARMUP each)"
@@ -242,11 +113,7 @@ for i in $(seq 1 "$ROUNDS"); do
 	done
 done
 
-# Summaries: the median is what the ratio uses, since one run disturbed by a
-# neighbour on a shared VM moves a mean a lot and a median hardly at all.
-mean() { printf '%s\n' "$@" | awk '{ s += $1 } END { printf "%.2f", s / NR }'; }
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
-	if (NR % 2) printf "%.2f", v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# Summaries: medians (and means) from lib.sh; the ratios use the medians.
 ma=$(median "${rps_a[@]}") mb=$(median "${rps_b[@]}")
 pa=$(median "${p99_a[@]}") pb=$(median "${p99_b[@]}")
 echo "== median (mean) of $ROUNDS runs each"
