@@ -706,10 +706,7 @@ func (h *Handler) releaseSlots(x *exchange) {
 	if len(refunds) == 0 {
 		return
 	}
-	if err := h.state.queue.Give(refunds); err != nil {
-		metrics.storeError("release")
-		h.logger.Error("releasing concurrency slots", zap.Error(err))
-	}
+	h.correct(refunds, "release", h.state.queue.Give)
 }
 
 // tooMany answers a refused request.

@@ -9,6 +9,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/llmratelimit/caddy-llm-ratelimit/bucket"
 	"github.com/llmratelimit/caddy-llm-ratelimit/tokens"
 )
 
@@ -232,13 +233,59 @@ func (h *Handler) settle(x *exchange, u *usageWatcher, wrote bool, nextErr error
 	if len(adj) == 0 {
 		return
 	}
-	// The request's own context may be cancelled (the client left); the
-	// correction must still be made.
-	if err := h.state.store.Adjust(context.Background(), h.now(), adj); err != nil {
-		metrics.storeError("settle")
-		h.logger.Error("settling token usage", zap.Error(err))
+	h.correct(adj, "settle", func(adj []bucket.Charge) error {
+		// The request's own context may be cancelled (the client left);
+		// the correction must still be made.
+		err := h.state.store.Adjust(context.Background(), h.now(), adj)
+		// A refund frees capacity earlier than the queue planned for:
+		// let the requests waiting for those buckets try again now.
+		h.state.queue.Wake(adj)
+		return err
+	})
+}
+
+// correct applies corrections to the store when the request is done with
+// its buckets: settlement and the release of concurrency slots. The
+// in-memory store applies them at once. A shared store (Redis) applies them
+// in the background, so that its round trip does not hold the response: Go's
+// server sends the last bytes of a response the handler did not flush only
+// when the handler returns. The corrections are copied, since the request's
+// scratch space is reused, and the state stays open until they are applied.
+func (h *Handler) correct(charges []bucket.Charge, op string, apply func([]bucket.Charge) error) {
+	fail := func(err error) {
+		metrics.storeError(op)
+		h.logger.Error("limiter store: "+op, zap.Error(err))
 	}
-	// A refund frees capacity earlier than the queue planned for: let the
-	// requests waiting for those buckets try again now.
-	h.state.queue.Wake(adj)
+	if !h.state.shared {
+		if err := apply(charges); err != nil {
+			fail(err)
+		}
+		return
+	}
+	own := cloneCharges(charges)
+	h.state.enter()
+	go func() {
+		defer h.state.leave()
+		if err := apply(own); err != nil {
+			fail(err)
+		}
+	}()
+}
+
+// cloneCharges copies charges with their keys, in one allocation for the
+// keys.
+func cloneCharges(charges []bucket.Charge) []bucket.Charge {
+	n := 0
+	for _, c := range charges {
+		n += len(c.Key)
+	}
+	keys := make([]byte, 0, n)
+	out := make([]bucket.Charge, len(charges))
+	for i, c := range charges {
+		start := len(keys)
+		keys = append(keys, c.Key...)
+		c.Key = keys[start:len(keys):len(keys)]
+		out[i] = c
+	}
+	return out
 }

@@ -92,3 +92,57 @@ func TestRedisTLS(t *testing.T) {
 	load("not-the-server")
 	wantStatus(t, "wrong server name", h.chat("gpt-4o"), http.StatusServiceUnavailable)
 }
+
+// TestRedisSettlementOffTheCriticalPath: a response is not held for the
+// settlement's round trip to Redis. The stream below ends while Redis does
+// not answer; the client still gets the whole response at once (Go's server
+// sends the end of a response only when the handler returns, so a
+// settlement made inline would hold it until Redis answered), and the
+// settlement reaches Redis once it answers again.
+func TestRedisSettlementOffTheCriticalPath(t *testing.T) {
+	rs := redistest.Start(t)
+	up := startFake(t, fakellm.Config{StreamChunks: 3, ChunkDelay: 200 * time.Millisecond})
+	h := newHarness(t)
+	h.load(h.site(fmt.Sprintf(`		store redis {
+			address %s
+			key_prefix settle
+			timeout 5s
+			fail_mode closed
+		}
+		rule tokens {
+			limit 100000 tokens_per_minute
+		}`, rs.Addr()), hostPort(up)))
+	stream := `{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}`
+	const policy = "tokens/tokens_per_minute"
+
+	done := make(chan response, 1)
+	go func() { done <- h.post("/v1/chat/completions", stream) }()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if !waitFor(ctx, func() bool { return len(up.Requests()) == 1 }) {
+		t.Fatal("the streaming request did not reach the upstream")
+	}
+	const pause = 3 * time.Second
+	paused := time.Now()
+	if err := rs.Client(t).ClientPause(ctx, pause).Err(); err != nil {
+		t.Fatal(err)
+	}
+	first := <-done
+	if took := time.Since(paused); took > pause*2/3 {
+		t.Errorf("the response ended %s after Redis paused for %s: it waited for the settlement", took.Round(time.Millisecond), pause)
+	}
+	if first.status != http.StatusOK || !strings.Contains(string(first.body), "[DONE]") {
+		t.Fatalf("the stream: %v", first)
+	}
+	charged := 100000 - remaining(t, first, policy) // the first request's estimate
+	// Once Redis answers, the settlement (the stream used far fewer tokens
+	// than the estimate's 1024 completion tokens) gives most of the charge
+	// back.
+	var next response
+	if !waitFor(ctx, func() bool {
+		next = h.chat("gpt-4o")
+		return next.status == http.StatusOK && 100000-remaining(t, next, policy) < 2*charged-500
+	}) {
+		t.Fatalf("the settlement never reached Redis: charged %d, then %v", charged, next)
+	}
+}
