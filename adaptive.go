@@ -2,12 +2,14 @@ package llmratelimit
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"io"
 	"maps"
 	"math/rand/v2"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -94,7 +96,7 @@ func (c *AdaptiveConfig) compile(zone string, q queueSettings) (adaptiveSettings
 	// upstream is its point.
 	as.policy = q.waitPolicy()
 	as.rule = compiledRule{
-		id:      "adaptive",
+		id:      adaptiveRuleID,
 		per:     []dimension{{kind: dimModel}},
 		perText: "model",
 		prefix:  adaptivePrefix(zone),
@@ -107,17 +109,23 @@ func (c *AdaptiveConfig) compile(zone string, q queueSettings) (adaptiveSettings
 // adaptivePrefix starts the keys of a zone's learned buckets: one bucket
 // per learned limit and model, like a rule with applies_per model.
 func adaptivePrefix(zone string) string {
-	return zone + string(keySep) + "adaptive" + string(keySep) + "model" + string(keySep)
+	return zone + string(keySep) + adaptiveRuleID + string(keySep) + "model" + string(keySep)
 }
+
+// adaptiveRuleID is the id adaptive mode's learned limits go by, in
+// headers, metrics and the admin API. No configured rule may have it: its
+// buckets would be adaptive mode's.
+const adaptiveRuleID = "adaptive"
 
 // learned is one upstream model's learner and the limits it last
 // published, compiled for the hot path. A published learnedLimits never
 // changes, so requests may keep pointers into it.
 type learned struct {
 	learner *adaptive.Learner
-	// prefix starts the keys of its buckets: its zone's adaptivePrefix.
-	prefix string
-	limits atomic.Pointer[learnedLimits]
+	// zone is the learner's zone, and prefix starts the keys of its
+	// buckets: the zone's adaptivePrefix.
+	zone, prefix string
+	limits       atomic.Pointer[learnedLimits]
 	// publishing serialises publish, so that the limits published last
 	// are the learner's latest.
 	publishing sync.Mutex
@@ -142,6 +150,31 @@ type learners struct {
 // finding a learner on every request builds nothing.
 type learnerKey struct{ zone, model string }
 
+// overflowModel names the learner that models past maxLearners share. No
+// model a request names contains a NUL byte.
+const overflowModel = "\x00overflow"
+
+// learnerEntry is one learner with its key.
+type learnerEntry struct {
+	key learnerKey
+	l   *learned
+}
+
+// entries copies the learners, sorted by zone and model, for readers (the
+// admin API, the metrics) that must not hold the lock while they work.
+func (ls *learners) entries() []learnerEntry {
+	ls.mu.RLock()
+	out := make([]learnerEntry, 0, len(ls.m))
+	for k, l := range ls.m {
+		out = append(out, learnerEntry{k, l})
+	}
+	ls.mu.RUnlock()
+	slices.SortFunc(out, func(a, b learnerEntry) int {
+		return cmp.Or(cmp.Compare(a.key.zone, b.key.zone), cmp.Compare(a.key.model, b.key.model))
+	})
+	return out
+}
+
 // maxLearners bounds the learners: one per model name a request named.
 // Model names come from clients; past the bound, new names share one
 // learner.
@@ -162,12 +195,12 @@ func (ls *learners) get(zone, model string) *learned {
 		return l
 	}
 	if len(ls.m) >= maxLearners {
-		key = learnerKey{zone, "\x00overflow"}
+		key = learnerKey{zone, overflowModel}
 		if l = ls.m[key]; l != nil {
 			return l
 		}
 	}
-	l = &learned{learner: adaptive.NewLearner(), prefix: adaptivePrefix(zone)}
+	l = &learned{learner: adaptive.NewLearner(), zone: zone, prefix: adaptivePrefix(zone)}
 	l.publish(adaptive.Limits{})
 	ls.m[key] = l
 	return l
@@ -181,7 +214,7 @@ func (l *learned) publish(lim adaptive.Limits) {
 			return nil
 		}
 		return &compiledLimit{unit: unit, quantity: q, limit: bl, policy: `"adaptive/` + unit + `"`, windowSeconds: window,
-			keyPrefix: []byte(l.prefix + unit + string(keySep)), counters: metrics.limitCounters("adaptive", unit)}
+			keyPrefix: []byte(l.prefix + unit + string(keySep)), counters: metrics.limitCounters(l.zone, adaptiveRuleID, unit)}
 	}
 	if r := lim.Requests; r.Count > 0 {
 		p.requests = mk("requests_per_minute", quantityRequests, bucket.Limit{Count: r.Count, Window: r.Window, Burst: r.Burst}, int64(r.Window/time.Second))
@@ -264,7 +297,7 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 			ar, stop = r.WithContext(ctx), func() { timer.Stop(); cancel() }
 		}
 		sent := x.learned.learner.Send(h.now())
-		err := h.attempt(next, aw, ar, x.learned.learner, sent)
+		err := h.attempt(next, aw, ar, x, sent)
 		stop()
 		status := aw.status
 		if status == 0 && err != nil {
@@ -287,6 +320,8 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 		}
 		if v.Retry && obs.Status == http.StatusTooManyRequests || v.Explicit {
 			h.blockLearned(x, now)
+		} else if obs.Requests.Remaining >= 0 || obs.Tokens.Remaining >= 0 {
+			h.followRemaining(x, obs, now)
 		}
 		if aw.committed {
 			// The response went (or is going) to the client as it is.
@@ -316,15 +351,19 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 
 // attempt sends the request once. reverse_proxy panics with
 // http.ErrAbortHandler when the client leaves mid-stream: the learner is
-// then told the attempt ended, and the panic goes on.
-func (h *Handler) attempt(next caddyhttp.Handler, w http.ResponseWriter, r *http.Request, l *adaptive.Learner, sent adaptive.Attempt) error {
+// then told the attempt ended, the attempt is counted, and the panic goes
+// on.
+func (h *Handler) attempt(next caddyhttp.Handler, aw *attemptWriter, r *http.Request, x *exchange, sent adaptive.Attempt) error {
 	done := false
 	defer func() {
 		if !done {
-			l.Abandon(sent)
+			x.learned.learner.Abandon(sent)
+			// The attempt reached the upstream: count it, as forward
+			// counts those that return.
+			metrics.observeAttempt(x.id.model, aw.status, false)
 		}
 	}()
-	err := next.ServeHTTP(w, r)
+	err := next.ServeHTTP(aw, r)
 	done = true
 	return err
 }
@@ -368,6 +407,54 @@ func jitter(d time.Duration, explicit bool) time.Duration {
 		f = 1 + 0.2*rand.Float64()
 	}
 	return time.Duration(float64(d) * f)
+}
+
+// followRemaining pulls the request's learned buckets down to what the
+// upstream says remains of its quota, when they hold more. They then
+// admit no more than the upstream will take, where they would otherwise
+// admit their whole burst: at the start (a learned bucket starts full
+// while the upstream may be nearly empty), and when other clients spend
+// the same quota (another gateway, a batch job with the same key). The
+// upstream's count was taken when it received this request; requests sent
+// since are already charged here and not yet there, so the comparison
+// errs towards admitting, never towards holding requests the upstream
+// would take.
+func (h *Handler) followRemaining(x *exchange, obs adaptive.Observation, now time.Time) {
+	p := x.learned.limits.Load()
+	var chs [2]bucket.Charge
+	var remain [2]int64
+	n := 0
+	if p.requests != nil && obs.Requests.Remaining >= 0 {
+		chs[n] = bucket.Charge{Key: h.adaptive.rule.appendKey(nil, p.requests, &x.id), Limit: p.requests.limit}
+		remain[n] = obs.Requests.Remaining
+		n++
+	}
+	if p.tokens != nil && obs.Tokens.Remaining >= 0 {
+		chs[n] = bucket.Charge{Key: h.adaptive.rule.appendKey(nil, p.tokens, &x.id), Limit: p.tokens.limit}
+		remain[n] = obs.Tokens.Remaining
+		n++
+	}
+	if n == 0 {
+		return
+	}
+	var st [2]bucket.State
+	if err := h.state.store.Peek(context.Background(), now, chs[:n], st[:n]); err != nil {
+		return
+	}
+	m := 0
+	for i := range n {
+		if excess := st[i].Remaining - remain[i]; excess > 0 {
+			chs[m] = chs[i]
+			chs[m].Cost = excess
+			m++
+		}
+	}
+	if m == 0 {
+		return
+	}
+	if err := h.state.store.Adjust(context.Background(), now, chs[:m]); err != nil {
+		h.logger.Debug("following the upstream's remaining quota", zap.Error(err))
+	}
 }
 
 // blockLearned charges the request's learned request bucket so that it

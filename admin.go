@@ -356,7 +356,7 @@ func (ls *learners) find(zone, model string) *learned {
 	if l := ls.m[learnerKey{zone, model}]; l != nil {
 		return l
 	}
-	return ls.m[learnerKey{zone, "\x00overflow"}]
+	return ls.m[learnerKey{zone, overflowModel}]
 }
 
 // adminLimit is a limit as the admin API shows it.
@@ -769,22 +769,8 @@ func (a *AdminAPI) handleLearned(w http.ResponseWriter, r *http.Request, q url.V
 		Learned []adminLearned `json:"learned"`
 	}{Learned: []adminLearned{}}
 	for _, as := range a.running() {
-		type entry struct {
-			key learnerKey
-			l   *learned
-		}
-		ls := &as.state.learners
-		ls.mu.RLock()
-		entries := make([]entry, 0, len(ls.m))
-		for k, l := range ls.m {
-			entries = append(entries, entry{k, l})
-		}
-		ls.mu.RUnlock()
-		slices.SortFunc(entries, func(a, b entry) int {
-			return cmp.Or(cmp.Compare(a.key.zone, b.key.zone), cmp.Compare(a.key.model, b.key.model))
-		})
-		for _, e := range entries {
-			overflow := e.key.model == "\x00overflow"
+		for _, e := range as.state.learners.entries() {
+			overflow := e.key.model == overflowModel
 			model := e.key.model
 			if overflow {
 				model = ""

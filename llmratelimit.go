@@ -706,7 +706,13 @@ func (h *Handler) releaseSlots(x *exchange) {
 	if len(refunds) == 0 {
 		return
 	}
-	h.correct(refunds, "release", h.state.queue.Give)
+	// Released inline, even on a shared store: a client that sends its
+	// next request as soon as it has the response (an agent with one
+	// slot) must find its slot free, on this instance or another.
+	if err := h.state.queue.Give(refunds); err != nil {
+		metrics.storeError("release")
+		h.logger.Error("limiter store: release", zap.Error(err))
+	}
 }
 
 // tooMany answers a refused request.

@@ -71,7 +71,7 @@ type moduleMetrics struct {
 }
 
 // limitLabel names one limit for the counters cache.
-type limitLabel struct{ rule, unit string }
+type limitLabel struct{ zone, rule, unit string }
 
 // limitCounters are one limit's decisions_total counters, one per outcome.
 type limitCounters struct {
@@ -87,8 +87,8 @@ func newMetrics() *moduleMetrics {
 	}
 	return &moduleMetrics{
 		decisions: counter("decisions_total",
-			"Requests by rule, unit and outcome: admitted (at once), delayed (admitted after waiting in the queue), refused, canceled (the client left while waiting), shadow_refused (a shadow rule would have refused). An admitted request counts at every limit that admitted it; a refused or canceled one at the limit that held it.",
-			"rule", "unit", "outcome"),
+			"Requests by zone, rule, unit and outcome: admitted (at once), delayed (admitted after waiting in the queue), refused, canceled (the client left while waiting), shadow_refused (a shadow rule would have refused). An admitted request counts at every limit that admitted it; a refused or canceled one at the limit that held it.",
+			"zone", "rule", "unit", "outcome"),
 		queueWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "queue_wait_seconds",
 			Help:    "Time requests waited in the queue, by how the wait ended (admitted, refused, canceled). Requests that did not wait are not observed.",
@@ -144,12 +144,12 @@ func (m *moduleMetrics) register(reg *prometheus.Registry) error {
 }
 
 // limitCounters returns the decision counters of a rule's limit.
-func (m *moduleMetrics) limitCounters(rule, unit string) *limitCounters {
-	key := limitLabel{rule, unit}
+func (m *moduleMetrics) limitCounters(zone, rule, unit string) *limitCounters {
+	key := limitLabel{zone, rule, unit}
 	if c, ok := m.limits.Load(key); ok {
 		return c.(*limitCounters)
 	}
-	with := func(outcome string) prometheus.Counter { return m.decisions.WithLabelValues(rule, unit, outcome) }
+	with := func(outcome string) prometheus.Counter { return m.decisions.WithLabelValues(zone, rule, unit, outcome) }
 	c := &limitCounters{
 		admitted: with(outcomeAdmitted), delayed: with(outcomeDelayed), refused: with(outcomeRefused),
 		canceled: with(outcomeCanceled), shadowRefused: with(outcomeShadowRefused),
@@ -191,6 +191,19 @@ func (m *moduleMetrics) modelLabel(model string) string {
 	return model
 }
 
+// knownModelLabel returns a model's own label if it has one already,
+// without giving it one.
+func (m *moduleMetrics) knownModelLabel(model string) (string, bool) {
+	if model == "" {
+		return "", false
+	}
+	v, ok := m.models.Load(model)
+	if !ok {
+		return "", false
+	}
+	return v.(string), true
+}
+
 // observeDecision counts a decided request at its limits.
 func (m *moduleMetrics) observeDecision(x *exchange, out *outcome) {
 	enforcing := x.applied[:x.nEnforce]
@@ -203,8 +216,14 @@ func (m *moduleMetrics) observeDecision(x *exchange, out *outcome) {
 				a.limit.counters.admitted.Inc()
 			}
 		}
-	case out.Limiting >= 0 && out.Limiting < len(enforcing):
-		c := enforcing[out.Limiting].limit.counters
+	case len(enforcing) > 0:
+		i := out.Limiting
+		if i < 0 || i >= len(enforcing) {
+			// A client that left just as its turn came has no limiting
+			// charge: count it at the first limit it waited for.
+			i = 0
+		}
+		c := enforcing[i].limit.counters
 		if out.Outcome == bucket.Canceled {
 			c.canceled.Inc()
 		} else {
@@ -288,52 +307,32 @@ func (c *liveCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c *liveCollector) Collect(ch chan<- prometheus.Metric) {
 	depth := 0
-	seen := map[learnerKey]bool{}
-	states.Range(func(_, v any) bool {
-		s, ok := v.(*sharedState)
-		if !ok {
-			return true
+	perSecond := func(count int64, window time.Duration) float64 {
+		if count <= 0 || window <= 0 {
+			return 0
 		}
-		depth += s.queue.Len()
-		for key, l := range s.learners.copyAll() {
-			model := metrics.modelLabel(key.model)
-			lk := learnerKey{key.zone, model}
-			if seen[lk] {
-				// Past the label bound, several models share "other":
-				// report the first.
+		return float64(count) / window.Seconds()
+	}
+	seen := map[learnerKey]bool{}
+	for _, st := range runningStates() {
+		depth += st.state.queue.Len()
+		for _, e := range st.state.learners.entries() {
+			// Only models with a label of their own: a scrape must not
+			// use up label slots, and the models that share "other" would
+			// take turns in one series.
+			model, ok := metrics.knownModelLabel(e.key.model)
+			if !ok || seen[learnerKey{e.key.zone, model}] {
 				continue
 			}
-			seen[lk] = true
-			lim := l.learner.Limits()
-			perSecond := func(count int64, window time.Duration) float64 {
-				if count <= 0 || window <= 0 {
-					return 0
-				}
-				return float64(count) / window.Seconds()
-			}
+			seen[learnerKey{e.key.zone, model}] = true
+			lim := e.l.learner.Limits()
 			ch <- prometheus.MustNewConstMetric(c.learned, prometheus.GaugeValue,
-				perSecond(lim.Requests.Count, lim.Requests.Window), key.zone, model, "requests_per_second")
+				perSecond(lim.Requests.Count, lim.Requests.Window), e.key.zone, model, "requests_per_second")
 			ch <- prometheus.MustNewConstMetric(c.learned, prometheus.GaugeValue,
-				perSecond(lim.Tokens.Count, lim.Tokens.Window), key.zone, model, "tokens_per_second")
+				perSecond(lim.Tokens.Count, lim.Tokens.Window), e.key.zone, model, "tokens_per_second")
 			ch <- prometheus.MustNewConstMetric(c.learned, prometheus.GaugeValue,
-				float64(lim.Concurrent), key.zone, model, "concurrent_requests")
+				float64(lim.Concurrent), e.key.zone, model, "concurrent_requests")
 		}
-		return true
-	})
-	ch <- prometheus.MustNewConstMetric(c.queueDepth, prometheus.GaugeValue, float64(depth))
-}
-
-// copyAll copies the learners map, for readers that must not hold its
-// lock while they work.
-func (ls *learners) copyAll() map[learnerKey]*learned {
-	ls.mu.RLock()
-	defer ls.mu.RUnlock()
-	out := make(map[learnerKey]*learned, len(ls.m))
-	for k, v := range ls.m {
-		if k.model == "\x00overflow" {
-			k.model = "other"
-		}
-		out[k] = v
 	}
-	return out
+	ch <- prometheus.MustNewConstMetric(c.queueDepth, prometheus.GaugeValue, float64(depth))
 }

@@ -16,14 +16,16 @@ const placeholderPrefix = "http.llm_rate_limit."
 
 // decisionVars is what a request's {http.llm_rate_limit.*} placeholders
 // show. They are read through a replacer provider rather than set one by
-// one: the values are computed only when a log or header asks for them,
-// and a request costs one small allocation however many are used. Caddy's
+// one: the values are formatted only when a log or header asks for them,
+// and a request costs two or three small allocations (the values and the
+// provider) however many are used. Caddy's
 // access log reads them after the handler has returned (log_append), so
 // they are a copy that outlives the pooled exchange.
 //
 //	{http.llm_rate_limit.rule}              the rule whose limit decided: the one that refused
 //	                                        the request or made it wait longest, else the first
-//	                                        enforcing rule that matched; empty when none matched
+//	                                        rule that matched (enforcing rules first); empty when
+//	                                        none matched
 //	{http.llm_rate_limit.unit}              that limit's unit
 //	{http.llm_rate_limit.rules}             every rule that matched, comma-separated
 //	{http.llm_rate_limit.decision}          admitted, delayed, refused, canceled, or unlimited
@@ -35,7 +37,11 @@ const placeholderPrefix = "http.llm_rate_limit."
 //	{http.llm_rate_limit.wait_ms}           the same in whole milliseconds
 //	{http.llm_rate_limit.tokens_estimated}  tokens charged at admission
 //	{http.llm_rate_limit.tokens_used}       tokens settled after the response
-//	{http.llm_rate_limit.attempts}          upstream attempts (adaptive mode; else 1 when sent)
+//	{http.llm_rate_limit.attempts}          upstream attempts: 1 for a request sent on, more when
+//	                                        adaptive mode retried, 0 when it was not sent
+//
+// They are set once the request's body is read and its rules matched; a
+// request answered before that (a body too large or not JSON) has none.
 type decisionVars struct {
 	rule, unit, decision string
 	// rules are the matching rules, joined only when asked for.

@@ -198,7 +198,7 @@ type compiledRule struct {
 	// buckets.
 	policy bucket.Policy
 	// learned marks adaptive mode's rule, whose limits are learned, so that
-	// no configured rule (even one named "adaptive") is taken for it.
+	// no configured rule is taken for it (none may be named "adaptive").
 	learned bool
 }
 
@@ -232,6 +232,9 @@ func compileRules(zone string, rules []Rule) ([]compiledRule, error) {
 		}
 		if seen[r.ID] {
 			return nil, fmt.Errorf("rule %q: duplicate id", r.ID)
+		}
+		if r.ID == adaptiveRuleID {
+			return nil, fmt.Errorf("rule id %q is reserved for adaptive mode's learned limits: choose another", r.ID)
 		}
 		seen[r.ID] = true
 		cr, err := compileRule(zone, r)
@@ -317,7 +320,7 @@ func compileRule(zone string, r Rule) (compiledRule, error) {
 			keyPrefix:     []byte(cr.prefix + l.Unit + string(keySep)),
 			policy:        `"` + r.ID + "/" + l.Unit + `"`,
 			windowSeconds: int64(u.window / time.Second),
-			counters:      metrics.limitCounters(r.ID, l.Unit),
+			counters:      metrics.limitCounters(zone, r.ID, l.Unit),
 		})
 	}
 	return cr, nil

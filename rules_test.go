@@ -19,6 +19,7 @@ func TestCompileRulesErrors(t *testing.T) {
 		{"id with space", []Rule{{ID: "a b", Limits: lim}}, "must be 1 to 128 printable"},
 		{"id with quote", []Rule{{ID: `a"b`, Limits: lim}}, "without spaces, quotes"},
 		{"duplicate id", []Rule{{ID: "a", Limits: lim}, {ID: "a", Limits: lim}}, `rule "a": duplicate id`},
+		{"reserved id", []Rule{{ID: "adaptive", Limits: lim, AppliesPer: []string{"model"}}}, `rule id "adaptive" is reserved for adaptive mode`},
 		{"no limits", []Rule{{ID: "a"}}, "no limits"},
 		{"unknown unit", []Rule{{ID: "a", Limits: []Limit{{LimitTo: 1, Unit: "requests_per_week"}}}}, `unknown unit "requests_per_week"`},
 		{"zero limit", []Rule{{ID: "a", Limits: []Limit{{LimitTo: 0, Unit: "requests_per_minute"}}}}, "limit must be positive"},

@@ -360,6 +360,11 @@ func (p *rulesParser) when(n *yaml.Node) (*When, error) {
 		if err != nil {
 			return nil, err
 		}
+		if len(w.Subjects) == 0 {
+			// An empty list would be no condition at all: the rule would
+			// apply to every caller.
+			return nil, p.errf(s.value, "subjects: an empty list would match every caller; leave subjects out to mean that")
+		}
 	}
 	if m, ok := keys["models"]; ok {
 		err := p.list(deref(m.value), "models", func(v string, vn *yaml.Node) error {
@@ -371,6 +376,9 @@ func (p *rulesParser) when(n *yaml.Node) (*When, error) {
 		})
 		if err != nil {
 			return nil, err
+		}
+		if len(w.Models) == 0 {
+			return nil, p.errf(m.value, "models: an empty list would match every model; leave models out to mean that")
 		}
 	}
 	if md, ok := keys["metadata"]; ok {
@@ -399,9 +407,11 @@ func (p *rulesParser) when(n *yaml.Node) (*When, error) {
 	return w, nil
 }
 
-// list reads a list of strings. An empty list is allowed (it matches, or
-// splits by, nothing), but a missing one is not: "subjects:" with nothing
-// after it is more likely a list left out than a rule meant for everyone.
+// list reads a list of strings. A missing one is refused: "subjects:" with
+// nothing after it is more likely a list left out than a rule meant for
+// everyone. Callers refuse an empty subjects or models list for the same
+// reason (an empty condition matches everything); an empty
+// rate_limit_applies_per is one bucket, as it says.
 func (p *rulesParser) list(n *yaml.Node, what string, each func(v string, vn *yaml.Node) error) error {
 	if n.Kind != yaml.SequenceNode {
 		return p.errf(n, "%s: want a list such as [\"a\", \"b\"], got %s", what, kindName(n))

@@ -158,6 +158,8 @@ func TestRulesFileErrors(t *testing.T) {
 		{"subject without value", rule("id: a", "when:", "  subjects:", "    - user:ok", "    - 'team:'", "limit_to: 10", "unit: requests_per_minute"), 8, `rule "a": subject of kind "team" has no value`},
 		{"subjects not a list", rule("id: a", "when:", "  subjects: user:bob", "limit_to: 10", "unit: requests_per_minute"), 6, `subjects: want a list such as ["a", "b"], got a single value`},
 		{"subjects null", rule("id: a", "when:", "  subjects:", "limit_to: 10", "unit: requests_per_minute"), 6, `subjects: want a list such as ["a", "b"], got nothing`},
+		{"subjects empty", rule("id: a", "when:", "  subjects: []", "limit_to: 10", "unit: requests_per_minute"), 6, `rule "a": subjects: an empty list would match every caller`},
+		{"models empty", rule("id: a", "when: {models: []}", "limit_to: 10", "unit: requests_per_minute"), 5, `rule "a": models: an empty list would match every model`},
 		{"subject not a string", rule("id: a", "when:", "  subjects: [{user: bob}]", "limit_to: 10", "unit: requests_per_minute"), 6, `subjects entry: want a string, got a mapping`},
 		{"empty model", rule("id: a", "when: {models: ['']}", "limit_to: 10", "unit: requests_per_minute"), 5, `rule "a": models: empty model name`},
 		{"metadata not a mapping", rule("id: a", "when: {metadata: [environment=production]}", "limit_to: 10", "unit: requests_per_minute"), 5, `metadata: want a mapping of keys to values, got a list`},

@@ -244,13 +244,15 @@ func (h *Handler) settle(x *exchange, u *usageWatcher, wrote bool, nextErr error
 	})
 }
 
-// correct applies corrections to the store when the request is done with
-// its buckets: settlement and the release of concurrency slots. The
-// in-memory store applies them at once. A shared store (Redis) applies them
-// in the background, so that its round trip does not hold the response: Go's
+// correct applies a settlement's corrections to the store. The in-memory
+// store applies them at once. A shared store (Redis) applies them in the
+// background, so that its round trip does not hold the response: Go's
 // server sends the last bytes of a response the handler did not flush only
-// when the handler returns. The corrections are copied, since the request's
-// scratch space is reused, and the state stays open until they are applied.
+// when the handler returns. (Concurrency slots are released inline, so that
+// a client's next request finds its slot free; a token refund that lands a
+// moment later only errs towards charging.) The corrections are copied,
+// since the request's scratch space is reused, and the state stays open
+// until they are applied.
 func (h *Handler) correct(charges []bucket.Charge, op string, apply func([]bucket.Charge) error) {
 	fail := func(err error) {
 		metrics.storeError(op)
@@ -262,7 +264,7 @@ func (h *Handler) correct(charges []bucket.Charge, op string, apply func([]bucke
 		}
 		return
 	}
-	own := cloneCharges(charges)
+	own := bucket.CloneCharges(charges)
 	h.state.enter()
 	go func() {
 		defer h.state.leave()
@@ -270,22 +272,4 @@ func (h *Handler) correct(charges []bucket.Charge, op string, apply func([]bucke
 			fail(err)
 		}
 	}()
-}
-
-// cloneCharges copies charges with their keys, in one allocation for the
-// keys.
-func cloneCharges(charges []bucket.Charge) []bucket.Charge {
-	n := 0
-	for _, c := range charges {
-		n += len(c.Key)
-	}
-	keys := make([]byte, 0, n)
-	out := make([]bucket.Charge, len(charges))
-	for i, c := range charges {
-		start := len(keys)
-		keys = append(keys, c.Key...)
-		c.Key = keys[start:len(keys):len(keys)]
-		out[i] = c
-	}
-	return out
 }

@@ -228,6 +228,12 @@ func (c RedisConfig) client() (redis.UniversalClient, error) {
 		// No CLIENT SETINFO: older Redis and Valkey versions log an error
 		// for it.
 		DisableIdentity: true,
+		// The store's batches (see bucket's redisBatcher) are pipelines.
+		// They use the main pool, which the store warms at start and
+		// keeps connected, rather than go-redis's separate pipeline pool,
+		// which dials on first use (inside a call's timeout) and holds
+		// 128 KiB buffers per connection.
+		PipelinePoolSize: -1,
 	}
 	if c.Cluster || len(c.Addresses) > 1 {
 		return redis.NewClusterClient(opts.Cluster()), nil

@@ -317,9 +317,11 @@ func (f *Failover) downErr() error {
 	return fmt.Errorf("%w: %w", ErrPrimaryDown, err)
 }
 
-// cloneCharges copies charges and their keys, for a primary call that may
-// outlive the caller's use of them (callers build keys in reused buffers).
-func cloneCharges(charges []Charge) []Charge {
+// CloneCharges copies charges and their keys, in one allocation for the
+// keys, for work that may outlive the caller's use of them (callers build
+// keys in reused buffers): a primary call that runs on after a time-out, a
+// settlement in the background.
+func CloneCharges(charges []Charge) []Charge {
 	n := 0
 	for i := range charges {
 		n += len(charges[i].Key)
@@ -375,7 +377,7 @@ func (f *Failover) Reserve(ctx context.Context, now time.Time, charges []Charge,
 		cancel()
 	} else {
 		// The primary works on copies (see callPrimary).
-		cs := cloneCharges(charges)
+		cs := CloneCharges(charges)
 		var st []State
 		if states != nil {
 			st = make([]State, len(states))
@@ -428,7 +430,7 @@ func (f *Failover) Adjust(ctx context.Context, now time.Time, charges []Charge) 
 			err = f.bounded(ctx, cctx, f.primary.Adjust(cctx, now, charges))
 			cancel()
 		} else {
-			cs := cloneCharges(charges)
+			cs := CloneCharges(charges)
 			err = f.callPrimary(ctx, func(ctx context.Context) error { return f.primary.Adjust(ctx, now, cs) })
 		}
 		if err == nil {
@@ -544,7 +546,7 @@ func (f *Failover) Peek(ctx context.Context, now time.Time, charges []Charge, st
 			err = f.bounded(ctx, cctx, f.primary.Peek(cctx, now, charges, states))
 			cancel()
 		} else {
-			cs := cloneCharges(charges)
+			cs := CloneCharges(charges)
 			st := make([]State, len(states))
 			err = f.callPrimary(ctx, func(ctx context.Context) error { return f.primary.Peek(ctx, now, cs, st) })
 			if err == nil {

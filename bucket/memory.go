@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"hash/maphash"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -424,11 +425,21 @@ func (s *MemoryStore) DeletePrefix(_ context.Context, prefix []byte) (int, error
 // it, as they do for DeletePrefix and Sweep.
 func (s *MemoryStore) Scan(_ context.Context, now time.Time, prefix []byte, fn func(key []byte, lv Level) bool) error {
 	t := s.clock(now)
+	p := string(prefix)
+	type found struct {
+		key string
+		lv  Level
+	}
+	var batch []found
 	for i := range s.shards {
+		// Copy the shard's matches under its lock and call fn after: fn
+		// (the admin API's formatting) must not hold up the requests that
+		// use the shard.
 		sh := &s.shards[i]
+		batch = batch[:0]
 		sh.mu.Lock()
 		for k, b := range sh.buckets {
-			if !bytes.HasPrefix([]byte(k), prefix) {
+			if !strings.HasPrefix(k, p) {
 				continue
 			}
 			lv := Level{Count: b.count, Window: b.window, Backlog: b.tat}
@@ -438,12 +449,14 @@ func (s *MemoryStore) Scan(_ context.Context, now time.Time, prefix []byte, fn f
 				}
 				lv.Backlog = b.tat - t
 			}
-			if !fn([]byte(k), lv) {
-				sh.mu.Unlock()
+			batch = append(batch, found{k, lv})
+		}
+		sh.mu.Unlock()
+		for _, f := range batch {
+			if !fn([]byte(f.key), f.lv) {
 				return nil
 			}
 		}
-		sh.mu.Unlock()
 	}
 	return nil
 }

@@ -9,25 +9,26 @@ import (
 )
 
 // redisBatcher sends concurrent script runs to Redis together, as one
-// pipeline, when enough are already on their way: automatic pipelining.
+// pipeline, when a call is already on its way: automatic pipelining.
 //
 // Why: under load most of a call's cost is not the script but moving it.
 // Each command sent alone costs Redis a read and a write system call and an
 // event-loop turn, and costs the client a write, a read and a goroutine
 // wake-up; measured on loopback under load, that is about as much CPU on
 // each side as the script itself. A pipeline of n commands pays those once.
+// (go-redis v9.23 has an AutoPipeline of its own, marked experimental and
+// subject to change; this is the small part of it the store needs, with
+// the script's NOSCRIPT fallback.)
 //
 // How: at most maxFlights calls or pipelines are in flight. A call that
-// finds fewer goes at once, alone, with no added latency: a lightly loaded
-// store sends every call immediately, as before. Otherwise it waits in the queue, and
-// the first flight to come back hands the whole queue (up to maxBatch) to
-// the oldest waiter, which sends it as one pipeline. So the busier the
-// store, the larger the batches, and no goroutine exists only to flush.
-//
-// A waiter gives up when its context ends, like a lone call, so a batch
-// never makes a call wait past its own deadline; its command, if already
-// sent, still runs in Redis, exactly as a lone call's would after its
-// time-out.
+// finds fewer goes at once, alone, on its own goroutine, with no added
+// latency: a lightly loaded store sends every call immediately. Otherwise it
+// joins the queue, and when a flight lands, the whole queue (up to maxBatch)
+// takes off as one pipeline, sent by a goroutine of its own. Every queued
+// call waits for its reply or its own deadline, whichever comes first, so a
+// batch never makes a call wait past its deadline; a call that gives up
+// after its batch was sent still runs in Redis, as a lone call's would
+// after its time-out.
 type redisBatcher struct {
 	client     redis.UniversalClient
 	maxFlights int
@@ -43,26 +44,27 @@ type redisBatcher struct {
 // (wrk at 32 connections, three buckets a request, Redis on the same two
 // cores) measured Caddy on Redis at 0.85 of Caddy on the memory store with
 // one flight, and 0.77-0.80 with two or four: Redis is single-threaded, so
-// more flights only split the same work into smaller, costlier batches. A
-// call waits at most one round trip more than alone, and only when another
-// is on its way. A batch is bounded so that its reply is read in a few
-// network reads.
+// more flights only split the same work into smaller, costlier batches
+// (go-redis's AutoPipeline also defaults to one batch at a time).
+//
+// The cost: a queued call waits for the flight out, then for its own, so
+// when Redis takes more than half the store's timeout to answer, queued
+// calls time out (and Failover sees an outage) before lone ones would. The
+// batch bound is far above the concurrency of one Caddy, so in practice a
+// call waits for at most one flight before its own.
 const (
 	redisMaxFlights = 1
-	redisMaxBatch   = 64
+	redisMaxBatch   = 1024
 )
 
-// redisRun is one script run waiting for its turn or its reply.
+// redisRun is one queued script run.
 type redisRun struct {
 	ctx  context.Context
 	keys []string
 	args []any
 	// res and err are the reply, valid once done is closed.
-	res any
-	err error
-	// lead is set (before done is closed) when the run is handed the
-	// queue to send, rather than its reply.
-	lead bool
+	res  any
+	err  error
 	done chan struct{}
 }
 
@@ -85,37 +87,29 @@ func (b *redisBatcher) run(ctx context.Context, keys []string, args []any) (any,
 	b.mu.Unlock()
 	select {
 	case <-r.done:
-		if r.lead {
-			b.flush(r)
-		}
 		return r.res, r.err
 	case <-ctx.Done():
-		if b.giveUp(r) {
-			// It had just been handed the queue: hand it on, unsent.
-			b.land()
-		}
+		b.withdraw(r)
 		return nil, ctx.Err()
 	}
 }
 
-// giveUp takes a run whose context ended out of the queue. If it is no
-// longer queued, it is either in a pipeline already (its command may still
-// run in Redis, as a lone call's may after its time-out) or it has just
-// been made the leader, which giveUp reports so that the caller hands the
-// queue on.
-func (b *redisBatcher) giveUp(r *redisRun) (wasLead bool) {
+// withdraw takes a run whose caller gave up out of the queue, if it is
+// still there (otherwise it is in a pipeline already).
+func (b *redisBatcher) withdraw(r *redisRun) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for i, q := range b.queue {
 		if q == r {
-			b.queue = append(b.queue[:i], b.queue[i+1:]...)
-			return false
+			n := copy(b.queue[i:], b.queue[i+1:])
+			b.queue[i+n] = nil // no stale pointer keeps a request alive
+			b.queue = b.queue[:i+n]
+			return
 		}
 	}
-	return r.lead
 }
 
-// land ends a flight: the oldest waiter, if any, takes off with the queue.
+// land ends a flight: if calls are queued, they take off together.
 func (b *redisBatcher) land() {
 	b.mu.Lock()
 	if len(b.queue) == 0 {
@@ -123,34 +117,24 @@ func (b *redisBatcher) land() {
 		b.mu.Unlock()
 		return
 	}
-	next := b.queue[0]
-	b.queue = b.queue[1:]
-	next.lead = true
+	n := min(len(b.queue), b.maxBatch)
+	batch := make([]*redisRun, n)
+	copy(batch, b.queue)
+	rest := copy(b.queue, b.queue[n:])
+	clear(b.queue[rest:])
+	b.queue = b.queue[:rest]
+	if rest == 0 {
+		b.queue = nil // let a burst's backing array go
+	}
 	b.mu.Unlock()
-	close(next.done)
+	go b.flush(batch)
 }
 
-// flush sends the leader's run and the queued ones as one pipeline, hands
-// each its reply, and lands.
-func (b *redisBatcher) flush(lead *redisRun) {
-	b.mu.Lock()
-	n := min(len(b.queue), b.maxBatch-1)
-	batch := make([]*redisRun, 0, n+1)
-	batch = append(batch, lead)
-	batch = append(batch, b.queue[:n]...)
-	b.queue = b.queue[n:]
-	if len(b.queue) == 0 {
-		b.queue = nil // let the backing array go
-	}
-	b.mu.Unlock()
-
-	if len(batch) == 1 {
-		lead.res, lead.err = redisScript.Run(lead.ctx, b.client, lead.keys, lead.args...).Result()
-		b.land()
-		return
-	}
-	// The pipeline lives as long as its most patient run: each run still
-	// stops waiting at its own deadline.
+// flush sends a batch as one pipeline, hands each run its reply, and lands.
+func (b *redisBatcher) flush(batch []*redisRun) {
+	defer b.land()
+	// The pipeline lives as long as its most patient run; each run stops
+	// waiting at its own deadline.
 	ctx, cancel := batchContext(batch)
 	defer cancel()
 	cmds := b.exec(ctx, batch, false)
@@ -164,13 +148,12 @@ func (b *redisBatcher) flush(lead *redisRun) {
 		}
 	}
 	if len(retry) > 0 {
-		again := b.exec(ctx, retry, true)
+		cmds = b.exec(ctx, retry, true)
 		for i, r := range retry {
-			r.res, r.err = again[i].Result()
+			r.res, r.err = cmds[i].Result()
 		}
 	}
-	b.land()
-	for _, r := range batch[1:] {
+	for _, r := range batch {
 		close(r.done)
 	}
 }
@@ -193,8 +176,9 @@ func (b *redisBatcher) exec(ctx context.Context, runs []*redisRun, eval bool) []
 }
 
 // batchContext returns a context that ends at the latest deadline of the
-// runs, or never if one of them has none. It is not cancelled with any one
-// run: a client that leaves must not fail the others' commands.
+// runs, or never if one of them has none (the client's read and write
+// timeouts still bound it). It is not cancelled with any one run: a client
+// that leaves must not fail the others' commands.
 func batchContext(runs []*redisRun) (context.Context, context.CancelFunc) {
 	var latest time.Time
 	for _, r := range runs {

@@ -85,8 +85,8 @@ func TestRedisBatchRepliesReachTheirCallers(t *testing.T) {
 // A server that lost its scripts (restarted, or SCRIPT FLUSH) answers a
 // batch's EVALSHAs with NOSCRIPT; the batch is sent again with the script's
 // body and every call succeeds. (A lone call reloads the script through
-// redis.Script.Run; the batch must do it itself, so the test hands a
-// batch to flush directly, as land would.)
+// redis.Script.Run; a batch must do it itself, so the test hands a batch
+// to flush directly, as land does.)
 func TestRedisBatchReloadsTheScript(t *testing.T) {
 	srv := redistest.Start(t)
 	c := redis.NewClient(&redis.Options{Addr: srv.Addr(), ContextTimeoutEnabled: true, PoolSize: 8})
@@ -105,9 +105,8 @@ func TestRedisBatchReloadsTheScript(t *testing.T) {
 		runs[i] = &redisRun{ctx: context.Background(), keys: call.keys, args: call.args, done: make(chan struct{})}
 	}
 	b := s.batch
-	b.flights, b.queue = 1, runs[1:]
-	runs[0].lead = true
-	b.flush(runs[0])
+	b.flights = 1 // as when land hands a batch to flush
+	b.flush(runs)
 	for i, r := range runs {
 		if r.err != nil {
 			t.Errorf("run %d: %v", i, r.err)

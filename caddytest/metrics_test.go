@@ -33,9 +33,9 @@ func metricDelta(t *testing.T, h *harness, port int) func(series string) float64
 	}
 }
 
-// decisionSeries names a decisions_total series.
+// decisionSeries names a decisions_total series of the default zone.
 func decisionSeries(rule, unit, outcome string) string {
-	return fmt.Sprintf(`caddy_llm_rate_limit_decisions_total{outcome=%q,rule=%q,unit=%q}`, outcome, rule, unit)
+	return fmt.Sprintf(`caddy_llm_rate_limit_decisions_total{outcome=%q,rule=%q,unit=%q,zone=""}`, outcome, rule, unit)
 }
 
 // Decisions are counted by rule, unit and outcome, with no user or key in
