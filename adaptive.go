@@ -320,8 +320,6 @@ func (h *Handler) forward(w *headerGuard, r *http.Request, next caddyhttp.Handle
 		}
 		if v.Retry && obs.Status == http.StatusTooManyRequests || v.Explicit {
 			h.blockLearned(x, now)
-		} else if obs.Requests.Remaining >= 0 || obs.Tokens.Remaining >= 0 {
-			h.followRemaining(x, obs, now)
 		}
 		if aw.committed {
 			// The response went (or is going) to the client as it is.
@@ -407,54 +405,6 @@ func jitter(d time.Duration, explicit bool) time.Duration {
 		f = 1 + 0.2*rand.Float64()
 	}
 	return time.Duration(float64(d) * f)
-}
-
-// followRemaining pulls the request's learned buckets down to what the
-// upstream says remains of its quota, when they hold more. They then
-// admit no more than the upstream will take, where they would otherwise
-// admit their whole burst: at the start (a learned bucket starts full
-// while the upstream may be nearly empty), and when other clients spend
-// the same quota (another gateway, a batch job with the same key). The
-// upstream's count was taken when it received this request; requests sent
-// since are already charged here and not yet there, so the comparison
-// errs towards admitting, never towards holding requests the upstream
-// would take.
-func (h *Handler) followRemaining(x *exchange, obs adaptive.Observation, now time.Time) {
-	p := x.learned.limits.Load()
-	var chs [2]bucket.Charge
-	var remain [2]int64
-	n := 0
-	if p.requests != nil && obs.Requests.Remaining >= 0 {
-		chs[n] = bucket.Charge{Key: h.adaptive.rule.appendKey(nil, p.requests, &x.id), Limit: p.requests.limit}
-		remain[n] = obs.Requests.Remaining
-		n++
-	}
-	if p.tokens != nil && obs.Tokens.Remaining >= 0 {
-		chs[n] = bucket.Charge{Key: h.adaptive.rule.appendKey(nil, p.tokens, &x.id), Limit: p.tokens.limit}
-		remain[n] = obs.Tokens.Remaining
-		n++
-	}
-	if n == 0 {
-		return
-	}
-	var st [2]bucket.State
-	if err := h.state.store.Peek(context.Background(), now, chs[:n], st[:n]); err != nil {
-		return
-	}
-	m := 0
-	for i := range n {
-		if excess := st[i].Remaining - remain[i]; excess > 0 {
-			chs[m] = chs[i]
-			chs[m].Cost = excess
-			m++
-		}
-	}
-	if m == 0 {
-		return
-	}
-	if err := h.state.store.Adjust(context.Background(), now, chs[:m]); err != nil {
-		h.logger.Debug("following the upstream's remaining quota", zap.Error(err))
-	}
 }
 
 // blockLearned charges the request's learned request bucket so that it

@@ -236,39 +236,3 @@ func TestAdaptiveRetriesOnlyReplayableBodies(t *testing.T) {
 		t.Errorf("chat: %v, attempts %q; want the upstream's 503 after three attempts", r, r.header.Get("X-Upstream-Attempts"))
 	}
 }
-
-// A burst at a cold start: before the upstream has answered, nothing is
-// known and the whole burst goes out; the upstream takes its own burst
-// and refuses the rest. From then on, its rate-limit headers say how
-// little remains, and the learned bucket follows them: the refused
-// requests are sent again one by one as the upstream refills, not as a
-// new burst that it refuses again.
-func TestAdaptiveFollowsRemaining(t *testing.T) {
-	const burst, sent = 3, 8
-	up := startFake(t, fakellm.Config{RPM: 120, Burst: burst, RateLimitHeaders: true})
-	h := newHarness(t)
-	h.loadHandler(`		user {http.request.header.X-User}
-		adaptive`, up)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	var wg sync.WaitGroup
-	results := make([]queued, sent)
-	for i := range results {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			results[i] = h.sendModelCtx(ctx, "gpt-4o", fmt.Sprint("u", i))
-		}()
-	}
-	wg.Wait()
-	for i, r := range results {
-		if r.err != nil || r.status != 200 {
-			t.Errorf("request %d: %v %v", i, r.err, r.response)
-		}
-	}
-	// The first wave: sent-burst refusals, which nothing could avoid.
-	// After it, at most one more (a retry racing the refill).
-	if st := up.Stats(); st.Limited > sent-burst+1 {
-		t.Errorf("the upstream refused %d attempts; the cold start alone explains %d", st.Limited, sent-burst)
-	}
-}
