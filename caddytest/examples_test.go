@@ -467,16 +467,7 @@ func TestExampleQueue(t *testing.T) {
 	for i, r := range rs {
 		wantServed(t, fmt.Sprintf("gpt-4o request %d", i), r)
 	}
-	out := make([]queued, 16)
-	var wg sync.WaitGroup
-	for i := range out {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			out[i] = h.sendModel("llama3.1-8b", fmt.Sprint("u", i%3))
-		}()
-	}
-	wg.Wait()
+	out := parallelDo(16, func(i int) queued { return h.sendModel("llama3.1-8b", fmt.Sprint("u", i%3)) })
 	waited := 0
 	for i, r := range out {
 		wantServed(t, fmt.Sprintf("llama request %d", i), r)

@@ -22,21 +22,6 @@ import (
 // loaded as written, with only its port and its environment placeholders
 // set by the test.
 
-// wantTokens429 checks a 429 in OpenAI's shape for a token limit: type
-// "tokens", naming rule and unit.
-func wantTokens429(t *testing.T, what string, r response, rule, unit string) openAIError {
-	t.Helper()
-	wantStatus(t, what, r, http.StatusTooManyRequests)
-	var e openAIError
-	decodeStrict(t, what, r.body, &e)
-	if e.Error.Type != "tokens" || e.Error.Code != "rate_limit_exceeded" || e.Error.Param != nil {
-		t.Errorf("%s: type %q code %q param %v, want tokens, rate_limit_exceeded, null", what, e.Error.Type, e.Error.Code, e.Error.Param)
-	}
-	wantRuleMessage(t, what, e.Error.Message, rule, unit)
-	wantRetryAfter(t, what, r)
-	return e
-}
-
 func TestExampleCostPerDeveloper(t *testing.T) {
 	// A budget of 2000 tokens a day refills one token every 43.2 s, so
 	// within this test every level below is exact. Every request is
@@ -85,7 +70,7 @@ func TestExampleCostPerDeveloper(t *testing.T) {
 	// charging nothing, and never sent.
 	before := len(up.Requests())
 	r = h.chat("gpt-4o", alice...)
-	e := wantTokens429(t, "alice #4", r, "dev-daily-tokens", "tokens_per_day")
+	e := wantOpenAI429(t, "alice #4", r, "dev-daily-tokens", "tokens_per_day")
 	if !strings.Contains(e.Error.Message, "per user, virtualaccount") {
 		t.Errorf("alice #4: message %q does not say per user, virtualaccount", e.Error.Message)
 	}

@@ -450,14 +450,20 @@ func decodeStrict(t testing.TB, what string, b []byte, v any) {
 	}
 }
 
-// wantOpenAI429 checks a 429 in OpenAI's shape naming rule and unit.
+// wantOpenAI429 checks a 429 in OpenAI's shape naming rule and unit. Its
+// type is what the unit counts: "tokens" for a tokens_* unit, else
+// "requests".
 func wantOpenAI429(t testing.TB, what string, r response, rule, unit string) openAIError {
 	t.Helper()
 	wantStatus(t, what, r, http.StatusTooManyRequests)
 	var e openAIError
 	decodeStrict(t, what, r.body, &e)
-	if e.Error.Code != "rate_limit_exceeded" || e.Error.Type != "requests" || e.Error.Param != nil {
-		t.Errorf("%s: error code %q type %q param %v, want rate_limit_exceeded, requests, null", what, e.Error.Code, e.Error.Type, e.Error.Param)
+	typ := "requests"
+	if strings.HasPrefix(unit, "tokens") {
+		typ = "tokens"
+	}
+	if e.Error.Code != "rate_limit_exceeded" || e.Error.Type != typ || e.Error.Param != nil {
+		t.Errorf("%s: error code %q type %q param %v, want rate_limit_exceeded, %s, null", what, e.Error.Code, e.Error.Type, e.Error.Param, typ)
 	}
 	wantRuleMessage(t, what, e.Error.Message, rule, unit)
 	wantRetryAfter(t, what, r)

@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -154,19 +153,12 @@ func TestMetricsQueue(t *testing.T) {
 	url := fmt.Sprintf("http://127.0.0.1:%d/metrics", mport)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	var wg sync.WaitGroup
-	results := make([]queued, 3)
-	for i := range results {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			results[i] = h.send(ctx, "metrics-queue")
-		}()
-	}
+	sent := make(chan []queued, 1)
+	go func() { sent <- parallelDo(3, func(int) queued { return h.send(ctx, "metrics-queue") }) }()
 	sawDepth := waitFor(ctx, func() bool {
 		return scrape(t, h, url)["caddy_llm_rate_limit_queue_depth"] >= 1
 	})
-	wg.Wait()
+	results := <-sent
 	for i, r := range results {
 		if r.err != nil || r.status != 200 {
 			t.Fatalf("request %d: %v %v", i, r.err, r.response)
@@ -207,16 +199,7 @@ func TestMetricsAdaptive(t *testing.T) {
 	delta := metricDelta(t, h, mport)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	var wg sync.WaitGroup
-	results := make([]queued, 8)
-	for i := range results {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			results[i] = h.sendModelCtx(ctx, model, fmt.Sprint("u", i))
-		}()
-	}
-	wg.Wait()
+	results := parallelDo(8, func(i int) queued { return h.sendModelCtx(ctx, model, fmt.Sprint("u", i)) })
 	// A burst of 8 at an upstream that takes 3 at once may, rarely, still
 	// hand a client the upstream's 429 once its retries run out; those are
 	// not absorbed.

@@ -61,13 +61,18 @@ func (h *harness) sendBody(ctx context.Context, body, user string, hdr ...string
 
 // parallel sends n requests at once as user and returns their results.
 func (h *harness) parallel(n int, user string, hdr ...string) []queued {
+	return parallelDo(n, func(int) queued { return h.send(context.Background(), user, hdr...) })
+}
+
+// parallelDo runs send(0) to send(n-1) at once and returns their results.
+func parallelDo(n int, send func(i int) queued) []queued {
 	out := make([]queued, n)
 	var wg sync.WaitGroup
 	for i := range out {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			out[i] = h.send(context.Background(), user, hdr...)
+			out[i] = send(i)
 		}()
 	}
 	wg.Wait()

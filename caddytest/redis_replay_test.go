@@ -29,19 +29,10 @@ func TestRedisOutageReleasesSlots(t *testing.T) {
 		rule one {
 			limit 1 concurrent_requests
 		}`, rs.Addr()), hostPort(up)))
-	stream := `{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}`
-
-	done := make(chan response, 1)
-	go func() { done <- h.post("/v1/chat/completions", stream) }()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if !waitFor(ctx, func() bool { return len(up.Requests()) == 1 }) {
-		t.Fatal("the streaming request did not reach the upstream")
-	}
 	// Redis stops answering for 3 s; the stream (about 1 s) ends meanwhile.
-	if err := rs.Client(t).ClientPause(ctx, 3*time.Second).Err(); err != nil {
-		t.Fatal(err)
-	}
+	done, _ := pauseRedisMidStream(ctx, t, h, up, rs, 3*time.Second)
 	if r := <-done; r.status != http.StatusOK || !strings.Contains(string(r.body), "[DONE]") {
 		t.Fatalf("the stream: %v", r)
 	}
@@ -112,21 +103,11 @@ func TestRedisSettlementOffTheCriticalPath(t *testing.T) {
 		rule tokens {
 			limit 100000 tokens_per_minute
 		}`, rs.Addr()), hostPort(up)))
-	stream := `{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}`
 	const policy = "tokens/tokens_per_minute"
-
-	done := make(chan response, 1)
-	go func() { done <- h.post("/v1/chat/completions", stream) }()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	if !waitFor(ctx, func() bool { return len(up.Requests()) == 1 }) {
-		t.Fatal("the streaming request did not reach the upstream")
-	}
 	const pause = 3 * time.Second
-	paused := time.Now()
-	if err := rs.Client(t).ClientPause(ctx, pause).Err(); err != nil {
-		t.Fatal(err)
-	}
+	done, paused := pauseRedisMidStream(ctx, t, h, up, rs, pause)
 	first := <-done
 	if took := time.Since(paused); took > pause*2/3 {
 		t.Errorf("the response ended %s after Redis paused for %s: it waited for the settlement", took.Round(time.Millisecond), pause)
@@ -145,4 +126,22 @@ func TestRedisSettlementOffTheCriticalPath(t *testing.T) {
 	}) {
 		t.Fatalf("the settlement never reached Redis: charged %d, then %v", charged, next)
 	}
+}
+
+// pauseRedisMidStream sends a streamed chat request and, once the upstream
+// has it, pauses Redis for d. It returns the stream's response, to come,
+// and when the pause began.
+func pauseRedisMidStream(ctx context.Context, t *testing.T, h *harness, up *fakellm.Server, rs *redistest.Server, d time.Duration) (<-chan response, time.Time) {
+	t.Helper()
+	stream := `{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}`
+	done := make(chan response, 1)
+	go func() { done <- h.post("/v1/chat/completions", stream) }()
+	if !waitFor(ctx, func() bool { return len(up.Requests()) == 1 }) {
+		t.Fatal("the streaming request did not reach the upstream")
+	}
+	paused := time.Now()
+	if err := rs.Client(t).ClientPause(ctx, d).Err(); err != nil {
+		t.Fatal(err)
+	}
+	return done, paused
 }
