@@ -83,16 +83,23 @@ func (s *MemoryStore) clock(now time.Time) int64 {
 // shards it holds locked (in ascending order, so that two calls can never
 // deadlock), and each charge's bucket as loaded. Up to eight charges it lives
 // on the stack, which keeps the admission path free of allocations.
+//
+// A key given twice in one call is one bucket: slot names, for each charge,
+// the first charge with its key, and every charge works on that charge's
+// bucket reference, so that a bucket the first charge creates is the one the
+// second charges (RedisStore's script does the same).
 type call struct {
 	s       *MemoryStore
 	now     int64
 	n       int
 	shard   [8]uint8
+	slot    [8]uint8
 	bucket  [8]*memoryBucket
 	locked  [8]uint8
 	nlocked int
 	// For calls with more than eight charges.
 	shardExt  []uint8
+	slotExt   []int
 	bucketExt []*memoryBucket
 	lockedExt []uint8
 }
@@ -102,16 +109,28 @@ func (s *MemoryStore) begin(c *call, now time.Time, charges []Charge) {
 	c.s, c.now, c.n = s, s.clock(now), len(charges)
 	if len(charges) > len(c.shard) {
 		c.shardExt = make([]uint8, len(charges))
+		c.slotExt = make([]int, len(charges))
 		c.bucketExt = make([]*memoryBucket, len(charges))
 		c.lockedExt = make([]uint8, 0, len(charges))
 	}
 	for i := range charges {
 		sh := uint8(maphash.Bytes(s.seed, charges[i].Key) % memoryShards)
+		// The keys of a call are distinct in practice (the module's keys
+		// name their rule and unit), and there are a few of them: a scan
+		// of the earlier ones, which compares keys only in the same shard
+		// (an equal key hashes alike), costs a byte compare a charge.
+		slot := i
+		for j := range i {
+			if c.shardOf(j) == &s.shards[sh] && bytes.Equal(charges[j].Key, charges[i].Key) {
+				slot = j
+				break
+			}
+		}
 		if c.shardExt != nil {
-			c.shardExt[i] = sh
+			c.shardExt[i], c.slotExt[i] = sh, slot
 			c.lockedExt = insertSorted(c.lockedExt, sh)
 		} else {
-			c.shard[i] = sh
+			c.shard[i], c.slot[i] = sh, uint8(slot)
 			c.nlocked = len(insertSorted(c.locked[:c.nlocked], sh))
 		}
 	}
@@ -161,9 +180,9 @@ func (c *call) shardOf(i int) *memoryShard {
 
 func (c *call) bucketRef(i int) **memoryBucket {
 	if c.bucketExt != nil {
-		return &c.bucketExt[i]
+		return &c.bucketExt[c.slotExt[i]]
 	}
-	return &c.bucket[i]
+	return &c.bucket[c.slot[i]]
 }
 
 // load finds charge i's bucket, rescaled to the charge's limit if it was

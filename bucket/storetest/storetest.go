@@ -34,6 +34,7 @@ func Run(t *testing.T, newStore func(t *testing.T) bucket.Store) {
 	t.Run("StaleTimestamps", func(t *testing.T) { testStale(t, newStore) })
 	t.Run("Concurrent", func(t *testing.T) { testConcurrent(t, newStore(t)) })
 	t.Run("HugeDebtSaturates", func(t *testing.T) { testHugeDebt(t, newStore(t)) })
+	t.Run("RepeatedKey", func(t *testing.T) { testRepeatedKey(t, newStore(t)) })
 	t.Run("Concurrency", func(t *testing.T) { runConcurrency(t, newStore) })
 	t.Run("Scan", func(t *testing.T) { runScan(t, newStore) })
 }
@@ -361,5 +362,41 @@ func testHugeDebt(t *testing.T, s bucket.Store) {
 	d, st = reserve(t, s, now, 0, charge("debt", l, 0))
 	if !d.Allowed || st[0].Remaining != 0 {
 		t.Fatalf("zero-cost charge in debt: %+v %+v, want allowed with remaining 0", d, st[0])
+	}
+}
+
+// testRepeatedKey checks that a key given twice in one call is one bucket:
+// the decision checks each charge against the bucket as it was before the
+// call, an admission applies both charges, each charge's state is the
+// bucket after its own charge, a refusal charges neither, and Adjust applies
+// both corrections. The same holds for a concurrency bucket. A key between
+// the two stays a bucket of its own.
+func testRepeatedKey(t *testing.T, s bucket.Store) {
+	l := bucket.Limit{Count: 10, Window: time.Minute}
+	d, st := reserve(t, s, epoch, 0, charge("rep", l, 2), charge("other", l, 1), charge("rep", l, 3))
+	if !d.Allowed || st[0].Remaining != 8 || st[1].Remaining != 9 || st[2].Remaining != 5 {
+		t.Fatalf("Reserve of 2 and 3 on one key = %+v, states %+v; want admitted, remaining 8, 9 (other key), 5", d, st)
+	}
+	if got := peek(t, s, epoch, charge("rep", l, 0))[0].Remaining; got != 5 {
+		t.Fatalf("after 2+3 on one key of 10: remaining %d, want 5", got)
+	}
+	// 3 conforms on its own, 6 does not: neither is charged.
+	d, st = reserve(t, s, epoch, 0, charge("rep", l, 3), charge("rep", l, 6))
+	if d.Allowed || d.Limiting != 1 || st[0].Remaining != 5 || st[1].Remaining != 5 {
+		t.Fatalf("Reserve of 3 and 6 with 5 left = %+v, states %+v; want refused by charge 1, 5 left", d, st)
+	}
+	adjust(t, s, epoch, charge("rep", l, -1), charge("rep", l, -2))
+	if got := peek(t, s, epoch, charge("rep", l, 0))[0].Remaining; got != 8 {
+		t.Fatalf("after refunds of 1 and 2: remaining %d, want 8", got)
+	}
+
+	c := bucket.Limit{Count: 3}
+	d, st = reserve(t, s, epoch, 0, charge("slots", c, 1), charge("slots", c, 1))
+	if !d.Allowed || st[0].Remaining != 2 || st[1].Remaining != 1 {
+		t.Fatalf("two slots on one concurrency key = %+v, states %+v; want admitted, 2 then 1 left", d, st)
+	}
+	adjust(t, s, epoch, charge("slots", c, -1), charge("slots", c, -1))
+	if got := peek(t, s, epoch, charge("slots", c, 0))[0].Remaining; got != 3 {
+		t.Fatalf("after both slots released: %d free, want 3", got)
 	}
 }
