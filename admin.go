@@ -553,7 +553,16 @@ func scanGroups(ctx context.Context, as adminState, gs []bucketGroup, filter []k
 	}
 	store := as.state.store
 	fo, _ := store.(*bucket.Failover)
-	fallback := fo != nil && fo.LocalMode()
+	fallback := false
+	if fo != nil {
+		// One decision for the whole scan: which store answers, and so
+		// how its buckets are labelled.
+		s, local, err := fo.ScanSource()
+		if s == nil {
+			return 0, err
+		}
+		store, fallback = s, local
+	}
 	matched := 0
 	err := store.Scan(ctx, now, common, func(key []byte, lv bucket.Level) bool {
 		// A limit's prefix ends with a separator: try each one in the key

@@ -601,16 +601,30 @@ func (f *Failover) DeletePrefix(ctx context.Context, prefix []byte) (int, error)
 // than the timeout, and its failure neither starts nor ends an outage (nor
 // falls back, since fn may have seen part of the primary's buckets).
 func (f *Failover) Scan(ctx context.Context, now time.Time, prefix []byte, fn func(key []byte, lv Level) bool) error {
+	s, _, err := f.ScanSource()
+	if s == nil {
+		return err
+	}
+	return s.Scan(ctx, now, prefix, fn)
+}
+
+// ScanSource returns the store Scan reads now: the primary, or during an
+// outage the local store in FailLocal mode (local is then true), none in
+// FailOpen mode (nil and no error), or none and ErrPrimaryDown in
+// FailClosed mode. A caller that labels what it reads (the admin API marks
+// local buckets, read under LocalLimit) scans the store this returns, so
+// that an outage that begins or ends during the scan cannot mislabel it.
+func (f *Failover) ScanSource() (s Store, local bool, err error) {
 	if !f.down.Load() {
-		return f.primary.Scan(ctx, now, prefix, fn)
+		return f.primary, false, nil
 	}
 	switch f.mode {
 	case FailLocal:
-		return f.local.Scan(ctx, now, prefix, fn)
+		return f.local, true, nil
 	case FailOpen:
-		return nil
+		return nil, false, nil
 	}
-	return f.downErr()
+	return nil, false, f.downErr()
 }
 
 // LocalLimit returns the limit the local store enforces in FailLocal mode
@@ -618,10 +632,6 @@ func (f *Failover) Scan(ctx context.Context, now time.Time, prefix []byte, fn fu
 func (f *Failover) LocalLimit(l Limit) Limit {
 	return f.localCharges([]Charge{{Limit: l}})[0].Limit
 }
-
-// LocalMode reports whether an outage is on and its fail mode is FailLocal:
-// then Scan reports the local store's buckets.
-func (f *Failover) LocalMode() bool { return f.mode == FailLocal && f.down.Load() }
 
 // Delete implements Store, as DeletePrefix does: in the local store too, and
 // in the primary unless it is down (the error then says so). It returns the

@@ -657,16 +657,20 @@ func TestFailoverScanAndDelete(t *testing.T) {
 			if _, err := f.Reserve(ctx, now, charge("k-primary"), 0, nil); err != nil {
 				t.Fatal(err)
 			}
-			if got := keys(f); len(got) != 1 || got[0] != "k-primary" || f.LocalMode() {
-				t.Fatalf("primary up: Scan reported %q (local mode %v), want the primary's bucket", got, f.LocalMode())
+			if got := keys(f); len(got) != 1 || got[0] != "k-primary" {
+				t.Fatalf("primary up: Scan reported %q, want the primary's bucket", got)
+			}
+			if s, local, err := f.ScanSource(); s == nil || local || err != nil {
+				t.Fatalf("primary up: ScanSource = %v, %v, %v; want the primary", s, local, err)
 			}
 			p.set(fakeFail)
 			f.Reserve(ctx, now, charge("k-local"), 0, nil) // starts the outage
 			if got := strings.Join(keys(f), ","); !strings.HasPrefix(got, c.down) || (c.down == "") != (got == "") {
 				t.Fatalf("primary down: Scan reported %q, want %q", got, c.down)
 			}
-			if f.LocalMode() != (c.mode == bucket.FailLocal) {
-				t.Fatalf("LocalMode = %v during an outage in mode %s", f.LocalMode(), c.mode)
+			s, local, err := f.ScanSource()
+			if local != (c.mode == bucket.FailLocal) || (s != nil) != (c.mode == bucket.FailLocal) || (err != nil) != (c.mode == bucket.FailClosed) {
+				t.Fatalf("ScanSource = %v, %v, %v during an outage in mode %s", s, local, err, c.mode)
 			}
 			n, err := f.Delete(ctx, [][]byte{[]byte("k-local"), []byte("k-primary")})
 			if want := map[bool]int{true: 1, false: 0}[c.mode == bucket.FailLocal]; n != want || !errors.Is(err, bucket.ErrPrimaryDown) {
