@@ -228,12 +228,14 @@ func (c RedisConfig) client() (redis.UniversalClient, error) {
 		// No CLIENT SETINFO: older Redis and Valkey versions log an error
 		// for it.
 		DisableIdentity: true,
-		// The store's batches (see bucket's redisBatcher) are pipelines.
-		// They use the main pool, which the store warms at start and
-		// keeps connected, rather than go-redis's separate pipeline pool,
-		// which dials on first use (inside a call's timeout) and holds
-		// 128 KiB buffers per connection.
-		PipelinePoolSize: -1,
+		// The store's batches (see bucket's redisBatcher) are pipelines,
+		// and go on go-redis's separate pipeline pool (the default): it
+		// takes a connection without waiting (TryGet, spilling to the
+		// main pool when all are busy) and has larger buffers (128 KiB).
+		// Alternating wrk runs measured Caddy on Redis at 0.817 of Caddy
+		// on memory with it and 0.772 with the batches on the main pool
+		// (PipelinePoolSize -1). That pool dials on first use, so
+		// RedisStore.Warm opens one of its connections at start.
 	}
 	if c.Cluster || len(c.Addresses) > 1 {
 		return redis.NewClusterClient(opts.Cluster()), nil

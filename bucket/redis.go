@@ -160,9 +160,16 @@ func NewRedisStore(client redis.UniversalClient, opts RedisOptions) *RedisStore 
 
 // Warm opens a connection and loads the script, so that the first
 // requests do not pay for a dial, a TLS handshake and a script load within
-// their timeout.
+// their timeout. A lone call and a batch go through different pools of
+// go-redis (a batch is a pipeline, which has a pool of its own), so it
+// opens one connection of each.
 func (s *RedisStore) Warm(ctx context.Context) error {
 	if err := s.client.Ping(ctx).Err(); err != nil {
+		return err
+	}
+	if _, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		return p.Ping(ctx).Err()
+	}); err != nil {
 		return err
 	}
 	return redisScript.Load(ctx, s.client).Err()
