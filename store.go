@@ -234,8 +234,10 @@ func (c RedisConfig) client() (redis.UniversalClient, error) {
 		// main pool when all are busy) and has larger buffers (128 KiB).
 		// Alternating wrk runs measured Caddy on Redis at 0.817 of Caddy
 		// on memory with it and 0.772 with the batches on the main pool
-		// (PipelinePoolSize -1). That pool dials on first use, so
-		// RedisStore.Warm opens one of its connections at start.
+		// (PipelinePoolSize -1). That pool dials on first use and keeps
+		// no idle connection for long, so RedisStore.Warm opens one at
+		// start, and a lone call goes as a pipeline of one when no batch
+		// has gone for 5 minutes (bucket's redisPipelineRefresh).
 	}
 	if c.Cluster || len(c.Addresses) > 1 {
 		return redis.NewClusterClient(opts.Cluster()), nil

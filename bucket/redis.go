@@ -162,16 +162,19 @@ func NewRedisStore(client redis.UniversalClient, opts RedisOptions) *RedisStore 
 // requests do not pay for a dial, a TLS handshake and a script load within
 // their timeout. A lone call and a batch go through different pools of
 // go-redis (a batch is a pipeline, which has a pool of its own), so it
-// opens one connection of each.
+// opens one connection of each, to the node that holds the store's keys:
+// the pipelined command names a key in their hash slot (a keyless one
+// would go to any master of a cluster).
 func (s *RedisStore) Warm(ctx context.Context) error {
 	if err := s.client.Ping(ctx).Err(); err != nil {
 		return err
 	}
 	if _, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-		return p.Ping(ctx).Err()
+		return p.PTTL(ctx, s.prefix).Err()
 	}); err != nil {
 		return err
 	}
+	s.batch.lastPipeline.Store(time.Now().UnixNano())
 	return redisScript.Load(ctx, s.client).Err()
 }
 

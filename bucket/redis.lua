@@ -57,6 +57,9 @@ local sunpack, spack = struct.unpack, struct.pack
 local PACKED = ARGV[7] -- the per-key arguments, packed
 
 local op = ARGV[1]
+if op ~= 'r' and op ~= 'a' and op ~= 'p' then
+  return redis.error_reply('ERR llm_rate_limit: unknown operation')
+end
 local n = #KEYS
 if #PACKED ~= 32 * n then
   return redis.error_reply('ERR llm_rate_limit: ' .. #PACKED .. ' bytes of arguments for ' .. n .. ' keys')

@@ -3,6 +3,7 @@ package bucket
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -37,6 +38,10 @@ type redisBatcher struct {
 	mu      sync.Mutex
 	flights int
 	queue   []*redisRun
+
+	// lastPipeline is when a pipeline was last sent, in Unix ns of the
+	// machine's clock (a keep-alive, not a limiter's time).
+	lastPipeline atomic.Int64
 }
 
 // Defaults for the batcher. One flight: while a call (or a pipeline) is on
@@ -57,6 +62,17 @@ const (
 	redisMaxBatch   = 1024
 )
 
+// redisPipelineRefresh is how long the batcher may leave go-redis's
+// pipeline pool unused before it sends a lone call as a pipeline of one.
+// Batches go through that pool, which keeps no idle connection for long
+// (its MinIdleConns is 0, and ConnMaxIdleTime, 30 minutes by default,
+// closes one left idle), while they form only when calls overlap. Without
+// the refresh, the first batch after a quiet half hour would dial, and do
+// its TLS handshake and AUTH, inside its callers' timeouts, and a slow dial
+// would fail the batch and start an outage. A call sent as a pipeline costs
+// what it costs sent alone: one round trip.
+const redisPipelineRefresh = 5 * time.Minute
+
 // redisRun is one queued script run.
 type redisRun struct {
 	ctx  context.Context
@@ -69,7 +85,11 @@ type redisRun struct {
 }
 
 func newRedisBatcher(client redis.UniversalClient) *redisBatcher {
-	return &redisBatcher{client: client, maxFlights: redisMaxFlights, maxBatch: redisMaxBatch}
+	b := &redisBatcher{client: client, maxFlights: redisMaxFlights, maxBatch: redisMaxBatch}
+	// A new store's pipeline pool is warmed by RedisStore.Warm, if at all:
+	// the refresh starts counting now.
+	b.lastPipeline.Store(time.Now().UnixNano())
+	return b
 }
 
 // run runs the script with keys and args and returns its reply.
@@ -78,7 +98,17 @@ func (b *redisBatcher) run(ctx context.Context, keys []string, args []any) (any,
 	if b.flights < b.maxFlights {
 		b.flights++
 		b.mu.Unlock()
-		res, err := redisScript.Run(ctx, b.client, keys, args...).Result()
+		var res any
+		var err error
+		if time.Now().UnixNano()-b.lastPipeline.Load() > int64(redisPipelineRefresh) {
+			// Keep the pipeline pool's connection in use (see
+			// redisPipelineRefresh).
+			r := &redisRun{ctx: ctx, keys: keys, args: args}
+			b.send(ctx, []*redisRun{r})
+			res, err = r.res, r.err
+		} else {
+			res, err = redisScript.Run(ctx, b.client, keys, args...).Result()
+		}
 		b.land()
 		return res, err
 	}
@@ -137,9 +167,18 @@ func (b *redisBatcher) flush(batch []*redisRun) {
 	// waiting at its own deadline.
 	ctx, cancel := batchContext(batch)
 	defer cancel()
-	cmds := b.exec(ctx, batch, false)
+	b.send(ctx, batch)
+	for _, r := range batch {
+		close(r.done)
+	}
+}
+
+// send sends runs as one pipeline and sets each one's reply.
+func (b *redisBatcher) send(ctx context.Context, runs []*redisRun) {
+	b.lastPipeline.Store(time.Now().UnixNano())
+	cmds := b.exec(ctx, runs, false)
 	var retry []*redisRun
-	for i, r := range batch {
+	for i, r := range runs {
 		r.res, r.err = cmds[i].Result()
 		if redis.HasErrorPrefix(r.err, "NOSCRIPT") {
 			// A server that lost its scripts (restarted, flushed): send
@@ -152,9 +191,6 @@ func (b *redisBatcher) flush(batch []*redisRun) {
 		for i, r := range retry {
 			r.res, r.err = cmds[i].Result()
 		}
-	}
-	for _, r := range batch {
-		close(r.done)
 	}
 }
 

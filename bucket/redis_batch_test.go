@@ -195,6 +195,40 @@ func isTimeout(err error) bool {
 	return errors.As(err, &te) && te.Timeout()
 }
 
+// A lone call after a quiet spell of the pipeline pool goes as a pipeline
+// of one, with its own reply, and the next lone call goes alone again: the
+// pipeline pool's connection stays in use (see redisPipelineRefresh).
+func TestRedisBatchKeepsThePipelinePoolInUse(t *testing.T) {
+	srv := redistest.Start(t)
+	c := redis.NewClient(&redis.Options{Addr: srv.Addr(), ContextTimeoutEnabled: true})
+	t.Cleanup(func() { c.Close() })
+	s := batchStore(t, c, "batch-refresh")
+	// Connections in both pools and the script loaded, so that the count
+	// below is of calls, not of go-redis's connection set-up.
+	if err := s.Warm(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var batched countingHook
+	c.AddHook(&batched)
+	now := time.Unix(1_800_000_000, 0)
+	cs := []Charge{{Key: []byte("k"), Limit: Limit{Count: 2, Window: time.Hour}, Cost: 1}}
+	st := make([]State, 1)
+
+	s.batch.lastPipeline.Store(time.Now().Add(-redisPipelineRefresh - time.Second).UnixNano())
+	if d, err := s.Reserve(context.Background(), now, cs, 0, st); err != nil || !d.Allowed || st[0].Remaining != 1 {
+		t.Fatalf("first call = %+v, %v, remaining %d; want admitted with 1 left", d, err, st[0].Remaining)
+	}
+	if batched.pipelines() != 1 {
+		t.Fatalf("after a quiet spell: %d pipelines, want the lone call sent as 1", batched.pipelines())
+	}
+	if d, err := s.Reserve(context.Background(), now, cs, 0, st); err != nil || !d.Allowed || st[0].Remaining != 0 {
+		t.Fatalf("second call = %+v, %v, remaining %d; want admitted with 0 left", d, err, st[0].Remaining)
+	}
+	if batched.pipelines() != 1 {
+		t.Fatalf("right after a pipeline: %d pipelines, want the lone call sent alone", batched.pipelines())
+	}
+}
+
 // countingHook counts the pipelines a client sends.
 type countingHook struct {
 	mu sync.Mutex

@@ -8,7 +8,12 @@ import (
 // Charge asks one bucket for Cost units under Limit.
 type Charge struct {
 	// Key names the bucket. Stores copy it when they keep it, so callers may
-	// build it in a reused buffer. The keys of one call must be distinct.
+	// build it in a reused buffer. The keys of one call should be distinct
+	// (the module's are: each names its zone, rule, unit and values). A key
+	// given twice under one Limit is one bucket: each charge is checked
+	// against the bucket as it was before the call, and an admission
+	// applies them in order. A key given twice under different limits is
+	// not defined.
 	Key []byte
 	// Limit is the bucket's limit as configured now. A bucket whose state was
 	// built under another limit is rescaled to this one on first use: its

@@ -365,12 +365,13 @@ func testHugeDebt(t *testing.T, s bucket.Store) {
 	}
 }
 
-// testRepeatedKey checks that a key given twice in one call is one bucket:
-// the decision checks each charge against the bucket as it was before the
-// call, an admission applies both charges, each charge's state is the
-// bucket after its own charge, a refusal charges neither, and Adjust applies
-// both corrections. The same holds for a concurrency bucket. A key between
-// the two stays a bucket of its own.
+// testRepeatedKey checks that a key given twice in one call, under one
+// limit, is one bucket (see bucket.Charge): the decision checks each charge
+// against the bucket as it was before the call, an admission applies both
+// charges in order, each charge's state is the bucket after its own charge,
+// a refusal charges neither, and Adjust applies both corrections. The same
+// holds for a concurrency bucket. A key between the two stays a bucket of
+// its own.
 func testRepeatedKey(t *testing.T, s bucket.Store) {
 	l := bucket.Limit{Count: 10, Window: time.Minute}
 	d, st := reserve(t, s, epoch, 0, charge("rep", l, 2), charge("other", l, 1), charge("rep", l, 3))
@@ -380,14 +381,21 @@ func testRepeatedKey(t *testing.T, s bucket.Store) {
 	if got := peek(t, s, epoch, charge("rep", l, 0))[0].Remaining; got != 5 {
 		t.Fatalf("after 2+3 on one key of 10: remaining %d, want 5", got)
 	}
-	// 3 conforms on its own, 6 does not: neither is charged.
+	// 3 conforms on its own, 6 does not (it would wait one unit, 6 s):
+	// neither is charged.
 	d, st = reserve(t, s, epoch, 0, charge("rep", l, 3), charge("rep", l, 6))
-	if d.Allowed || d.Limiting != 1 || st[0].Remaining != 5 || st[1].Remaining != 5 {
-		t.Fatalf("Reserve of 3 and 6 with 5 left = %+v, states %+v; want refused by charge 1, 5 left", d, st)
+	if d.Allowed || d.Limiting != 1 || d.Delay != 6*time.Second || st[0].Remaining != 5 || st[1].Remaining != 5 {
+		t.Fatalf("Reserve of 3 and 6 with 5 left = %+v, states %+v; want refused by charge 1 for 6s, 5 left", d, st)
+	}
+	// Each of 3 and 3 conforms against the 5 left before the call, so both
+	// are charged and the bucket ends one unit in debt.
+	d, st = reserve(t, s, epoch, 0, charge("rep", l, 3), charge("rep", l, 3))
+	if !d.Allowed || st[0].Remaining != 2 || st[1].Remaining != 0 || st[1].ResetAfter != 66*time.Second {
+		t.Fatalf("Reserve of 3 and 3 with 5 left = %+v, states %+v; want admitted, 2 then 0 left, full in 66s", d, st)
 	}
 	adjust(t, s, epoch, charge("rep", l, -1), charge("rep", l, -2))
-	if got := peek(t, s, epoch, charge("rep", l, 0))[0].Remaining; got != 8 {
-		t.Fatalf("after refunds of 1 and 2: remaining %d, want 8", got)
+	if got := peek(t, s, epoch, charge("rep", l, 0))[0].Remaining; got != 2 {
+		t.Fatalf("after refunds of 1 and 2: remaining %d, want 2", got)
 	}
 
 	c := bucket.Limit{Count: 3}
