@@ -10,10 +10,14 @@
 # both in front of one static upstream, a Caddy `respond` site
 # (bench/upstream.Caddyfile). wrk POSTs a ~1 KB OpenAI chat body with an
 # X-User header (bench/post.lua), with the same settings for (a) and (b), in
-# alternating runs (a, b, a, b, ...) so that drift of the machine (thermal,
-# noisy neighbours, page cache) hits both alike. It prints requests/s and p99
-# latency of every run, the median (and mean) of each configuration, and the
-# ratios b/a, c/a and c/b of the medians.
+# alternating runs so that drift of the machine (thermal, noisy neighbours,
+# page cache) hits both alike. Each round starts one configuration later
+# (a b c, b c a, c a b, ...): with a fixed order, a machine that speeds up
+# or slows down over the invocation would favour whichever runs last. It
+# prints requests/s and p99 latency of every run, the median (and mean) of
+# each configuration, the ratios b/a, c/a and c/b of the medians, and the
+# median of each round's own ratio (runs a few seconds apart, the least
+# touched by drift).
 #
 # Usage, from anywhere in the repository:
 #   bench/load.sh
@@ -88,7 +92,8 @@ done
 declare -a rps_a=() p99_a=() rps_b=() p99_b=() rps_c=() p99_c=()
 printf '%-6s %-24s %12s %10s %9s\n' round config requests/s p99_ms sock_err
 for i in $(seq 1 "$ROUNDS"); do
-	for c in "${configs[@]}"; do
+	for k in "${!configs[@]}"; do
+		c=${configs[$(((k + i - 1) % ${#configs[@]}))]}
 		# A plain assignment, so that a failed run stops the script (set -e).
 		res=$(run "$c" "$DURATION")
 		read -r rps p99 errs <<<"$res"
@@ -114,6 +119,18 @@ for i in $(seq 1 "$ROUNDS"); do
 done
 
 # Summaries: medians (and means) from lib.sh; the ratios use the medians.
+# round_ratios x y: each round's x/y, one per line; ratio_median x y: their
+# median, to three places.
+round_ratios() {
+	local -n xs=$1 ys=$2
+	for j in "${!xs[@]}"; do
+		awk -v x="${xs[$j]}" -v y="${ys[$j]}" 'BEGIN { printf "%.4f\n", x / y }'
+	done
+}
+ratio_median() {
+	round_ratios "$1" "$2" | sort -g | awk '{ v[NR] = $1 } END {
+	if (NR % 2) printf "%.3f", v[(NR + 1) / 2]; else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 ma=$(median "${rps_a[@]}") mb=$(median "${rps_b[@]}")
 pa=$(median "${p99_a[@]}") pb=$(median "${p99_b[@]}")
 echo "== median (mean) of $ROUNDS runs each"
@@ -123,6 +140,7 @@ printf '%-33s %10s req/s (%s)  p99 %s ms (%s)\n' "(b) llm_rate_limit+reverse_pro
 	"$mb" "$(mean "${rps_b[@]}")" "$pb" "$(mean "${p99_b[@]}")"
 awk -v a="$ma" -v b="$mb" -v pa="$pa" -v pb="$pb" 'BEGIN {
 	printf "ratio b/a (medians): requests/s %.3f, p99 %.3f\n", b / a, pb / pa }'
+echo "ratio b/a, median of the rounds' own: requests/s $(ratio_median rps_b rps_a)"
 if [ "$REDIS" = 1 ]; then
 	mc=$(median "${rps_c[@]}") pc=$(median "${p99_c[@]}")
 	printf '%-33s %10s req/s (%s)  p99 %s ms (%s)\n' "(c) the same, Redis store" \
@@ -130,6 +148,8 @@ if [ "$REDIS" = 1 ]; then
 	awk -v a="$ma" -v b="$mb" -v c="$mc" -v pa="$pa" -v pb="$pb" -v pc="$pc" 'BEGIN {
 	printf "ratio c/a (medians): requests/s %.3f, p99 %.3f\n", c / a, pc / pa
 	printf "ratio c/b (medians): requests/s %.3f, p99 %.3f  (Redis store against the in-memory one)\n", c / b, pc / pb }'
+	echo "ratio c/b, median of the rounds' own: requests/s $(ratio_median rps_c rps_b)" \
+		"(each round: $(round_ratios rps_c rps_b | awk '{ printf "%s%.3f", (NR > 1 ? " " : ""), $1 }'))"
 	echo "redis: $(redis-cli -p "$BENCH_REDIS_PORT" info commandstats | grep -E '^cmdstat_(evalsha|eval):' | tr -d '\r')"
 fi
 echo "raw wrk output: $out_dir"

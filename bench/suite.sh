@@ -231,6 +231,10 @@ sum_load() {
 	while IFS= read -r l; do
 		sum "load (wrk, saturation): ${l%% (medians)*}" "" "${l#*: }"
 	done < <(grep -E '^ratio [a-c]/[a-c] \(medians\)' "$f")
+	# "ratio c/b, median of the rounds' own: requests/s 0.854 (each round: ...)"
+	while IFS= read -r l; do
+		sum "load (wrk, saturation): ${l%%:*}" "" "${l#*: }"
+	done < <(grep -E "^ratio [a-c]/[a-c], median of the rounds' own" "$f")
 }
 
 sec_fixed() { OUT_DIR="$out/fixed" "$bench/fixed.sh"; }
