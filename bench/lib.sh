@@ -185,5 +185,11 @@ bench_warn_load() {
 # Summaries: the median is what the ratios use, since one run disturbed by
 # a neighbour on a shared VM moves a mean a lot and a median hardly at all.
 mean() { printf '%s\n' "$@" | awk '{ s += $1 } END { printf "%.2f", s / NR }'; }
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
-	if (NR % 2) printf "%.2f", v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# median_to places values...: the median to that many decimal places.
+median() { median_to 2 "$@"; }
+median_to() {
+	local places=$1
+	shift
+	printf '%s\n' "$@" | sort -g | awk -v f="%.${places}f" '{ v[NR] = $1 } END {
+	if (NR % 2) printf f, v[(NR + 1) / 2]; else printf f, (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}

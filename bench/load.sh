@@ -128,8 +128,8 @@ round_ratios() {
 	done
 }
 ratio_median() {
-	round_ratios "$1" "$2" | sort -g | awk '{ v[NR] = $1 } END {
-	if (NR % 2) printf "%.3f", v[(NR + 1) / 2]; else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+	# shellcheck disable=SC2046 # one ratio a word
+	median_to 3 $(round_ratios "$1" "$2")
 }
 ma=$(median "${rps_a[@]}") mb=$(median "${rps_b[@]}")
 pa=$(median "${p99_a[@]}") pb=$(median "${p99_b[@]}")

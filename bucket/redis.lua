@@ -225,7 +225,10 @@ end
 -- The decision of MemoryStore.Reserve: every rate bucket's wait for its
 -- charge to conform, the request waiting for the slowest; a concurrency
 -- bucket without room refuses whatever maxWait says.
+-- apply says whether the charges are made: always in Adjust, never in
+-- Peek (which only records a rescale, below), in Reserve when it admits.
 local allowed, wait, limiting = 1, 0, -1
+local apply = op == 'a'
 if op == 'r' then
   local full = -1
   for i = 1, n do
@@ -242,20 +245,18 @@ if op == 'r' then
   end
   if full >= 0 or wait > maxwait then allowed = 0 end
   if full >= 0 then limiting = full end
-elseif op == 'p' then
-  -- Peek changes nothing (but records a rescale, below).
-  allowed = 0
+  apply = allowed == 1
 end
 
--- Apply every charge (Reserve only when allowed; Adjust always, with signed
--- corrections and no check): debts saturate at MAXB; a refund cannot fill a
+-- Apply every charge (Adjust's are signed corrections, made without a
+-- check): debts saturate at MAXB; a refund cannot fill a
 -- rate bucket beyond full nor give a concurrency bucket credit. res[3 + i]
 -- is the level of charge i's bucket after its charge, applied or not: what
 -- its state is reported from.
 local res = { 0, 0, 0, 0, 0, 0, 0 }
 for i = 1, n do
   local b = 4 * slot[i]
-  if allowed == 1 then
+  if apply then
     local _, _, x = sunpack('<ddd', PACKED, i * 32 - 31)
     if x ~= 0 then
       local v = st[b - 3] + x
@@ -266,7 +267,6 @@ for i = 1, n do
   end
   res[3 + i] = st[b - 3]
 end
-if op ~= 'r' then allowed = 1 end
 
 -- Write what changed. A number argument reaches Redis as its shortest exact
 -- text, so a TTL (whole milliseconds, far below 2^53) needs no formatting.
@@ -289,8 +289,6 @@ for i = 1, n do
 end
 
 res[1], res[2], res[3] = allowed, wait, limiting
-if n < 4 then
-  -- The reply is exactly 3 + n values.
-  for i = n + 4, 7 do res[i] = nil end
-end
+-- The reply is exactly 3 + n values: cut the presized table's spare ones.
+for i = n + 4, 7 do res[i] = nil end
 return res
